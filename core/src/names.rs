@@ -1,0 +1,70 @@
+//! Every NATS name Hotpath uses, in one place.
+//!
+//! Operators replay and inspect with the `nats` CLI, so these names are part of the public
+//! contract: change them only with a migration plan. The stream and consumer definitions
+//! themselves live as JSON in `nats/` (see [`crate::streams`]).
+
+use sha2::{Digest, Sha256};
+
+/// Stream holding every accepted message, one subject per partition.
+pub const MESSAGES_STREAM: &str = "MESSAGES";
+/// Stream holding what could never be processed, with the reason in headers.
+pub const DLQ_STREAM: &str = "DLQ";
+/// NATS core subject on which fact changes (conversations, members, blocks) are announced so
+/// that every gateway drops its cached copy.
+pub const FACTS_INVALIDATE_SUBJECT: &str = "hotpath.facts.invalidate";
+
+/// Subject a message of `partition` is published to.
+pub fn message_subject(partition: u32) -> String {
+    format!("msgs.in.{partition}")
+}
+
+/// Durable pull consumer that persists `partition`.
+pub fn delivery_consumer(partition: u32) -> String {
+    format!("delivery-{partition}")
+}
+
+/// DLQ subject for what failed in `source` (for example `messages`).
+pub fn dlq_subject(source: &str) -> String {
+    format!("dlq.{source}")
+}
+
+/// The partition a conversation belongs to: the first eight bytes of SHA-256 over its id,
+/// modulo the partition count. Stable across processes, versions and languages, so every
+/// gateway routes a conversation to the same subject and one consumer sees its whole order.
+pub fn partition_of(conversation_id: &str, partitions: u32) -> u32 {
+    let digest = Sha256::digest(conversation_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) % u64::from(partitions.max(1))) as u32
+}
+
+/// Header names Hotpath sets on DLQ entries.
+pub mod dlq_headers {
+    pub const REASON: &str = "Hotpath-Dlq-Reason";
+    pub const SOURCE_STREAM: &str = "Hotpath-Dlq-Source-Stream";
+    pub const SOURCE_SUBJECT: &str = "Hotpath-Dlq-Source-Subject";
+    pub const SOURCE_SEQUENCE: &str = "Hotpath-Dlq-Source-Sequence";
+    pub const DELIVERIES: &str = "Hotpath-Dlq-Deliveries";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        let p = partition_of("3f1c2a8e-0000-4000-8000-000000000001", 16);
+        assert!(p < 16);
+        assert_eq!(p, partition_of("3f1c2a8e-0000-4000-8000-000000000001", 16));
+        assert_eq!(partition_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn partitions_spread_conversations() {
+        let used: std::collections::HashSet<u32> = (0..200)
+            .map(|i| partition_of(&format!("conversation-{i}"), 16))
+            .collect();
+        assert_eq!(used.len(), 16);
+    }
+}

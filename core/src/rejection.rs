@@ -1,0 +1,255 @@
+//! Every way a request can be turned down, as one enum.
+//!
+//! Each variant maps 1:1 to a wire code and a telemetry label; the HTTP status, code, message,
+//! details and label all come from the `match`es below and nowhere else, so handlers never
+//! invent strings. The wire shape is `{"error": {"code", "message", "details"}}`.
+
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("invalid request: {message}")]
+    InvalidSchema { message: String, details: Value },
+    #[error("missing required field: {field}")]
+    MissingRequiredField { field: String },
+    #[error("field {field} must be {expected}")]
+    InvalidFieldType { field: String, expected: String },
+    #[error("field {field} is longer than {max} characters")]
+    FieldTooLong {
+        field: String,
+        max: usize,
+        actual: usize,
+    },
+    #[error("invalid recipient {recipient_id}: {reason}")]
+    InvalidRecipient {
+        recipient_id: String,
+        reason: String,
+    },
+    #[error("unauthorized: {reason}")]
+    Unauthorized { reason: String },
+    #[error("forbidden: {reason}")]
+    Forbidden { reason: String },
+    #[error("user {user_id} is not a member of conversation {conversation_id}")]
+    NotConversationMember {
+        user_id: String,
+        conversation_id: String,
+    },
+    #[error("conversation not found: {conversation_id}")]
+    ConversationNotFound { conversation_id: String },
+    #[error("conversation is inactive: {conversation_id}")]
+    ConversationInactive { conversation_id: String },
+    #[error("a block between {user_id} and {other_user_id} prevents this message")]
+    UserBlocked {
+        user_id: String,
+        other_user_id: String,
+    },
+    #[error("message not found: {message_id}")]
+    MessageNotFound { message_id: String },
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("payload larger than {limit_bytes} bytes")]
+    PayloadTooLarge { limit_bytes: usize },
+    #[error("rate limit exceeded")]
+    RateLimitExceeded { retry_after_secs: u64 },
+    /// The stream could not take the message right now (NATS down, publish timed out, stream
+    /// full). Retrying later with the same `clientMessageId` is safe.
+    #[error("message could not be enqueued now: {reason}")]
+    EnqueueUnavailable {
+        reason: String,
+        retry_after_secs: u64,
+    },
+    /// An unexpected failure while enqueueing.
+    #[error("message could not be enqueued: {reason}")]
+    EnqueueFailed { reason: String },
+    /// A dependency other than the stream (Postgres) is unreachable.
+    #[error("service unavailable: {reason}")]
+    ServiceUnavailable {
+        reason: String,
+        retry_after_secs: u64,
+    },
+}
+
+impl Rejection {
+    pub fn status(&self) -> u16 {
+        match self {
+            Rejection::InvalidSchema { .. }
+            | Rejection::MissingRequiredField { .. }
+            | Rejection::InvalidFieldType { .. }
+            | Rejection::FieldTooLong { .. }
+            | Rejection::InvalidRecipient { .. } => 400,
+            Rejection::Unauthorized { .. } => 401,
+            Rejection::Forbidden { .. } | Rejection::NotConversationMember { .. } => 403,
+            Rejection::ConversationNotFound { .. }
+            | Rejection::MessageNotFound { .. }
+            | Rejection::RouteNotFound => 404,
+            Rejection::ConversationInactive { .. } | Rejection::UserBlocked { .. } => 409,
+            Rejection::PayloadTooLarge { .. } => 413,
+            Rejection::RateLimitExceeded { .. } => 429,
+            Rejection::EnqueueFailed { .. } => 500,
+            Rejection::EnqueueUnavailable { .. } | Rejection::ServiceUnavailable { .. } => 503,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::InvalidSchema { .. } => "INVALID_SCHEMA",
+            Rejection::MissingRequiredField { .. } => "MISSING_REQUIRED_FIELD",
+            Rejection::InvalidFieldType { .. } => "INVALID_FIELD_TYPE",
+            Rejection::FieldTooLong { .. } => "FIELD_TOO_LONG",
+            Rejection::InvalidRecipient { .. } => "INVALID_RECIPIENT",
+            Rejection::Unauthorized { .. } => "UNAUTHORIZED",
+            Rejection::Forbidden { .. } => "FORBIDDEN",
+            Rejection::NotConversationMember { .. } => "NOT_CONVERSATION_MEMBER",
+            Rejection::ConversationNotFound { .. } => "CONVERSATION_NOT_FOUND",
+            Rejection::ConversationInactive { .. } => "CONVERSATION_INACTIVE",
+            Rejection::UserBlocked { .. } => "USER_BLOCKED",
+            Rejection::MessageNotFound { .. } => "MESSAGE_NOT_FOUND",
+            Rejection::RouteNotFound => "NOT_FOUND",
+            Rejection::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Rejection::RateLimitExceeded { .. } => "RATE_LIMIT_EXCEEDED",
+            Rejection::EnqueueUnavailable { .. } | Rejection::EnqueueFailed { .. } => {
+                "ENQUEUE_FAILED"
+            }
+            Rejection::ServiceUnavailable { .. } => "SERVICE_UNAVAILABLE",
+        }
+    }
+
+    /// The `reason` label of `producer_reject_total`.
+    pub fn telemetry_label(&self) -> &'static str {
+        match self {
+            Rejection::InvalidSchema { .. } => "invalid_schema",
+            Rejection::MissingRequiredField { .. } => "missing_required_field",
+            Rejection::InvalidFieldType { .. } => "invalid_field_type",
+            Rejection::FieldTooLong { .. } => "field_too_long",
+            Rejection::InvalidRecipient { .. } => "invalid_recipient",
+            Rejection::Unauthorized { .. } => "unauthorized",
+            Rejection::Forbidden { .. } => "forbidden",
+            Rejection::NotConversationMember { .. } => "not_conversation_member",
+            Rejection::ConversationNotFound { .. } => "conversation_not_found",
+            Rejection::ConversationInactive { .. } => "conversation_inactive",
+            Rejection::UserBlocked { .. } => "user_blocked",
+            Rejection::MessageNotFound { .. } => "message_not_found",
+            Rejection::RouteNotFound => "route_not_found",
+            Rejection::PayloadTooLarge { .. } => "payload_too_large",
+            Rejection::RateLimitExceeded { .. } => "rate_limit_exceeded",
+            Rejection::EnqueueUnavailable { .. } => "enqueue_unavailable",
+            Rejection::EnqueueFailed { .. } => "enqueue_failed",
+            Rejection::ServiceUnavailable { .. } => "service_unavailable",
+        }
+    }
+
+    /// Seconds for the `Retry-After` header, where waiting helps.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Rejection::RateLimitExceeded { retry_after_secs }
+            | Rejection::EnqueueUnavailable {
+                retry_after_secs, ..
+            }
+            | Rejection::ServiceUnavailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    pub fn details(&self) -> Value {
+        match self {
+            Rejection::InvalidSchema { details, .. } => details.clone(),
+            Rejection::MissingRequiredField { field } => json!({ "field": field }),
+            Rejection::InvalidFieldType { field, expected } => {
+                json!({ "field": field, "expected": expected })
+            }
+            Rejection::FieldTooLong { field, max, actual } => {
+                json!({ "field": field, "maxLength": max, "actualLength": actual })
+            }
+            Rejection::InvalidRecipient {
+                recipient_id,
+                reason,
+            } => {
+                json!({ "recipientId": recipient_id, "reason": reason })
+            }
+            Rejection::Unauthorized { .. } | Rejection::Forbidden { .. } => json!({}),
+            Rejection::NotConversationMember {
+                user_id,
+                conversation_id,
+            } => {
+                json!({ "userId": user_id, "conversationId": conversation_id })
+            }
+            Rejection::ConversationNotFound { conversation_id }
+            | Rejection::ConversationInactive { conversation_id } => {
+                json!({ "conversationId": conversation_id })
+            }
+            Rejection::UserBlocked {
+                user_id,
+                other_user_id,
+            } => {
+                json!({ "userId": user_id, "otherUserId": other_user_id })
+            }
+            Rejection::MessageNotFound { message_id } => json!({ "messageId": message_id }),
+            Rejection::RouteNotFound => json!({}),
+            Rejection::PayloadTooLarge { limit_bytes } => json!({ "limitBytes": limit_bytes }),
+            Rejection::RateLimitExceeded { retry_after_secs }
+            | Rejection::EnqueueUnavailable {
+                retry_after_secs, ..
+            }
+            | Rejection::ServiceUnavailable {
+                retry_after_secs, ..
+            } => {
+                json!({ "retryAfterSeconds": retry_after_secs })
+            }
+            Rejection::EnqueueFailed { .. } => json!({}),
+        }
+    }
+
+    /// The JSON body sent to the client.
+    pub fn body(&self) -> Value {
+        json!({
+            "error": {
+                "code": self.code(),
+                "message": self.to_string(),
+                "details": self.details(),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shape_matches_the_seed() {
+        let rejection = Rejection::ConversationInactive {
+            conversation_id: "conv_123".into(),
+        };
+        assert_eq!(rejection.status(), 409);
+        assert_eq!(
+            rejection.body(),
+            json!({"error": {
+                "code": "CONVERSATION_INACTIVE",
+                "message": "conversation is inactive: conv_123",
+                "details": {"conversationId": "conv_123"}
+            }})
+        );
+    }
+
+    #[test]
+    fn waiting_rejections_carry_retry_after() {
+        assert_eq!(
+            Rejection::RateLimitExceeded {
+                retry_after_secs: 2
+            }
+            .retry_after_secs(),
+            Some(2)
+        );
+        assert_eq!(Rejection::RouteNotFound.retry_after_secs(), None);
+        let unavailable = Rejection::EnqueueUnavailable {
+            reason: "nats down".into(),
+            retry_after_secs: 1,
+        };
+        assert_eq!(
+            (unavailable.status(), unavailable.code()),
+            (503, "ENQUEUE_FAILED")
+        );
+    }
+}
