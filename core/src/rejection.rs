@@ -67,6 +67,9 @@ pub enum Rejection {
         reason: String,
         retry_after_secs: u64,
     },
+    /// A failure that is nobody's fault but ours; logged with its cause.
+    #[error("internal error")]
+    Internal { reason: String },
 }
 
 impl Rejection {
@@ -85,7 +88,7 @@ impl Rejection {
             Rejection::ConversationInactive { .. } | Rejection::UserBlocked { .. } => 409,
             Rejection::PayloadTooLarge { .. } => 413,
             Rejection::RateLimitExceeded { .. } => 429,
-            Rejection::EnqueueFailed { .. } => 500,
+            Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => 500,
             Rejection::EnqueueUnavailable { .. } | Rejection::ServiceUnavailable { .. } => 503,
         }
     }
@@ -111,6 +114,7 @@ impl Rejection {
                 "ENQUEUE_FAILED"
             }
             Rejection::ServiceUnavailable { .. } => "SERVICE_UNAVAILABLE",
+            Rejection::Internal { .. } => "INTERNAL_ERROR",
         }
     }
 
@@ -135,6 +139,7 @@ impl Rejection {
             Rejection::EnqueueUnavailable { .. } => "enqueue_unavailable",
             Rejection::EnqueueFailed { .. } => "enqueue_failed",
             Rejection::ServiceUnavailable { .. } => "service_unavailable",
+            Rejection::Internal { .. } => "internal_error",
         }
     }
 
@@ -197,7 +202,7 @@ impl Rejection {
             } => {
                 json!({ "retryAfterSeconds": retry_after_secs })
             }
-            Rejection::EnqueueFailed { .. } => json!({}),
+            Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => json!({}),
         }
     }
 

@@ -1,1 +1,76 @@
-pub fn x(){}
+//! The gateway: the hot path from an HTTP request to a message in JetStream, plus the small
+//! APIs around it (conversations, status, history, health, metrics).
+//!
+//! Start reading at [`routes::send`], which tells the hot path in order.
+
+pub mod checks;
+pub mod facts;
+mod http;
+mod metrics;
+mod producer;
+mod rate_limit;
+pub mod routes;
+mod state;
+
+use axum::Router;
+use axum::routing::{delete, get, post};
+use hotpath_core::auth::TokenVerifier;
+use hotpath_core::config::Config;
+use hotpath_core::names::FACTS_INVALIDATE_SUBJECT;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use state::AppState;
+
+/// Builds the gateway's router and starts its background work (listening for fact changes,
+/// rate-limiter housekeeping), which stops when `shutdown` is cancelled.
+pub async fn router(
+    config: Config,
+    verifier: TokenVerifier,
+    pool: PgPool,
+    nats: async_nats::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Router> {
+    let state = AppState::new(config, verifier, pool, nats.clone());
+
+    let subscription = nats.subscribe(FACTS_INVALIDATE_SUBJECT).await?;
+    let facts = state.facts.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = facts.listen(subscription) => {}
+            () = stop.cancelled() => {}
+        }
+    });
+    let rate_limit = state.rate_limit.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = rate_limit.housekeeping() => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+
+    Ok(Router::new()
+        .route("/v1/messages", post(routes::send::send))
+        .route("/v1/messages/{id}/status", get(routes::status::status))
+        .route("/v1/conversations", post(routes::conversations::create))
+        .route("/v1/conversations/{id}/messages", get(routes::status::history))
+        .route("/v1/conversations/{id}/members", post(routes::conversations::add_member))
+        .route("/v1/conversations/{id}/members/{user_id}", delete(routes::conversations::remove_member))
+        .route("/v1/conversations/{id}/deactivate", post(routes::conversations::deactivate))
+        .route("/v1/blocks", post(routes::conversations::block))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
+        .fallback(http::not_found)
+        .with_state(state))
+}
+
+/// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Handing an accepted message to JetStream, bounded in time.
+//!
+//! Publishes are pipelined: each request sends its message and awaits its own PubAck, with
+//! no lock and no one-at-a-time round trip, so thousands can be in flight on one connection.
+//! Every publish carries `Nats-Msg-Id` = the idempotency key, and the PubAck's `duplicate`
+//! flag tells a retry apart from a first send. If NATS is down or the stream refuses the
+//! message, the caller learns it within the publish timeout, as a 503 with Retry-After.
+
+use std::time::{Duration, Instant};
+
+use async_nats::connection::State;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use hotpath_core::envelope::Envelope;
+use hotpath_core::names::{message_subject, partition_of};
+use hotpath_core::rejection::Rejection;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Histogram;
+
+/// What JetStream said about a publish.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    /// True when the stream already had this key: the message was accepted before.
+    pub duplicate: bool,
+    pub stream_sequence: u64,
+}
+
+#[derive(Clone)]
+pub struct Producer {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    partitions: u32,
+    timeout: Duration,
+    duration_ms: Histogram<f64>,
+}
+
+impl Producer {
+    pub fn new(client: async_nats::Client, partitions: u32, timeout: Duration) -> Producer {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .max_ack_inflight(50_000)
+            .build(client.clone());
+        Producer {
+            js,
+            client,
+            partitions,
+            timeout,
+            duration_ms: hotpath_core::telemetry::meter()
+                .f64_histogram("producer_publish_duration_ms")
+                .with_description("JetStream publish round trip, from send to PubAck")
+                .with_boundaries(hotpath_core::telemetry::FAST_MS_BUCKETS.to_vec())
+                .build(),
+        }
+    }
+
+    pub async fn publish(&self, envelope: &Envelope) -> Result<Published, Rejection> {
+        // While disconnected the client would buffer the publish and maybe deliver it after we
+        // answered 503; refuse up front instead so a 503 almost always means "not stored".
+        if self.client.connection_state() != State::Connected {
+            return Err(unavailable("the message stream is unreachable"));
+        }
+        let started = Instant::now();
+        let partition = partition_of(&envelope.conversation_id.to_string(), self.partitions);
+        let message = PublishMessage::build()
+            .payload(envelope.encode().into())
+            .message_id(&envelope.idempotency_key);
+
+        let outcome = tokio::time::timeout(self.timeout, async {
+            let ack: PublishAckFuture = self.js.send_publish(message_subject(partition), message).await?;
+            ack.await
+        })
+        .await;
+        let status = match &outcome {
+            Ok(Ok(_)) => "ok",
+            _ => "error",
+        };
+        self.duration_ms
+            .record(started.elapsed().as_secs_f64() * 1000.0, &[KeyValue::new("status", status)]);
+
+        match outcome {
+            Ok(Ok(ack)) => Ok(Published { duplicate: ack.duplicate, stream_sequence: ack.sequence }),
+            Ok(Err(error)) => Err(classify(error)),
+            Err(_) => Err(unavailable("the message stream did not acknowledge in time")),
+        }
+    }
+}
+
+fn classify(error: async_nats::jetstream::context::PublishError) -> Rejection {
+    tracing::warn!(%error, "publish failed");
+    match error.kind() {
+        // The body limit keeps requests far below NATS's max_payload, so this is a bug or a
+        // misconfigured server: retrying the same message cannot help.
+        PublishErrorKind::MaxPayloadExceeded => Rejection::EnqueueFailed { reason: error.to_string() },
+        // Time-outs, no stream, broken connection, too many in flight, and the stream refusing
+        // the message because it is full (discard policy "new"): all pass with time.
+        _ => unavailable(&error.to_string()),
+    }
+}
+
+fn unavailable(reason: &str) -> Rejection {
+    Rejection::EnqueueUnavailable { reason: reason.into(), retry_after_secs: 1 }
+}

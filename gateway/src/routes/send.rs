@@ -1,0 +1,177 @@
+//! `POST /v1/messages`: the hot path, in the order it happens.
+//!
+//! authenticate → rate limit → read a bounded body → load facts from the cache → run the check
+//! chain → derive the idempotency key and message id → publish to JetStream → 202 `pending`.
+//! Nothing here writes to Postgres; persisting is the consumers' job.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use hotpath_core::envelope::{ENVELOPE_VERSION, Envelope};
+use hotpath_core::ids::{idempotency_key, message_id};
+use hotpath_core::rejection::Rejection;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::checks::CheckInput;
+use crate::http::{ApiError, authenticate, read_json, typed};
+use crate::state::{Accepted, AppState};
+
+/// The body of a send, typed once the checks have passed.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendRequest {
+    conversation_id: String,
+    content: String,
+    content_type: String,
+    client_message_id: Option<String>,
+    recipient_ids: Option<Vec<String>>,
+    metadata: Option<Map<String, Value>>,
+    priority: Option<String>,
+}
+
+/// The 202 answer, in the seed's shape.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendAccepted {
+    pub message_id: Uuid,
+    pub correlation_id: Uuid,
+    pub state: &'static str,
+    pub accepted_at: chrono::DateTime<Utc>,
+    pub idempotency_key: String,
+    pub idempotent_hit: bool,
+    pub guidance: Guidance,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Guidance {
+    pub eventual_consistency: &'static str,
+    pub state_transitions: &'static str,
+    pub polling_endpoint: String,
+    pub websocket_event: &'static str,
+}
+
+pub async fn send(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let millis = || started.elapsed().as_secs_f64() * 1000.0;
+    match accept(&state, &headers, body).await {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+        Err(rejection) => {
+            state.metrics.rejected(&rejection, millis());
+            ApiError(rejection).into_response()
+        }
+    }
+}
+
+/// Turns one request into an accepted message or a rejection.
+async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<SendAccepted, Rejection> {
+    let started = Instant::now();
+
+    // 1. Who is sending: the token's subject, never a body field.
+    let user_id = authenticate(state, headers)?;
+    state.rate_limit.check(&user_id)?;
+
+    // 2. The body, bounded before parsing.
+    let request = read_json(headers, body, state.config.max_body_bytes).await?;
+
+    // 3. Facts for the checks, from memory on a warm path. A conversation id that is not a
+    //    UUID cannot exist, so it costs no lookup.
+    let conversation_id = request.get("conversationId").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok());
+    let conversation = match conversation_id {
+        Some(id) => state.facts.conversation(id).await?,
+        None => None,
+    };
+    let sender_blocks = state.facts.blocks(&user_id).await?;
+
+    // 4. The check chain: schema, then authorization.
+    let input = CheckInput {
+        user_id: &user_id,
+        request: &request,
+        conversation: conversation.as_deref(),
+        sender_blocks: &sender_blocks,
+    };
+    let normalized = state.chain.run(input)?;
+    let request: SendRequest = typed(normalized.unwrap_or(request))?;
+    // The chain rejects sends to unknown conversations, so both are present here.
+    let (Some(conversation_id), Some(conversation)) = (conversation_id, conversation) else {
+        return Err(Rejection::ConversationNotFound { conversation_id: request.conversation_id });
+    };
+
+    // 5. Identity: the idempotency key and the message id derived from it.
+    let accepted_at = Utc::now();
+    let key = idempotency_key(
+        &user_id,
+        request.client_message_id.as_deref(),
+        &request.conversation_id,
+        &request.content,
+        accepted_at.timestamp(),
+    );
+    let message_id = message_id(&key);
+    let correlation_id = correlation_id(headers);
+    let recipient_ids = request.recipient_ids.unwrap_or_else(|| {
+        conversation.active_members.iter().filter(|m| **m != user_id).cloned().collect()
+    });
+    let priority = request.priority.unwrap_or_else(|| "normal".to_string());
+    let envelope = Envelope {
+        version: ENVELOPE_VERSION,
+        message_id,
+        correlation_id,
+        idempotency_key: key,
+        conversation_id,
+        sender_id: user_id,
+        content: request.content,
+        content_type: request.content_type,
+        recipient_ids,
+        metadata: request.metadata.unwrap_or_default(),
+        priority,
+        accepted_at,
+    };
+
+    // 6. Publish; JetStream's PubAck says whether it had this key already.
+    let published = state.producer.publish(&envelope).await?;
+    state
+        .recently_accepted
+        .insert(
+            message_id,
+            Accepted { sender_id: envelope.sender_id.clone(), conversation_id, accepted_at },
+        )
+        .await;
+    state.metrics.enqueued(
+        &conversation.kind,
+        &envelope.content_type,
+        &envelope.priority,
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+
+    // 7. 202: accepted, pending persistence.
+    Ok(SendAccepted {
+        message_id,
+        correlation_id,
+        state: "pending",
+        accepted_at,
+        idempotency_key: envelope.idempotency_key,
+        idempotent_hit: published.duplicate,
+        guidance: Guidance {
+            eventual_consistency: "Message will be delivered asynchronously. Listen for state transitions via WebSocket.",
+            state_transitions: "pending → sent → delivered → read",
+            polling_endpoint: format!("/v1/messages/{message_id}/status"),
+            websocket_event: "message.state.changed",
+        },
+    })
+}
+
+/// The caller's `X-Correlation-Id` if it is a UUID, else a fresh one.
+fn correlation_id(headers: &HeaderMap) -> Uuid {
+    headers
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v).ok())
+        .unwrap_or_else(Uuid::new_v4)
+}

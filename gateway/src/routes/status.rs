@@ -1,0 +1,146 @@
+//! `GET /v1/messages/{id}/status` and `GET /v1/conversations/{id}/messages`: reading back what
+//! was persisted.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use chrono::{DateTime, Utc};
+use hotpath_core::rejection::Rejection;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::http::{ApiError, authenticate, db_error};
+use crate::state::AppState;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageStatus {
+    pub message_id: Uuid,
+    pub conversation_id: Uuid,
+    pub sender_id: String,
+    /// `pending` (accepted, in the stream) or `sent` (persisted).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    pub accepted_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persisted_at: Option<DateTime<Utc>>,
+}
+
+/// The message's state: `sent` with its seq once persisted, `pending` while it is only in the
+/// stream. Only the sender or a member of the conversation may see it; to anyone else it does
+/// not exist (404), so ids cannot be probed.
+pub async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<MessageStatus>, ApiError> {
+    let user_id = authenticate(&state, &headers)?;
+    let not_found = || Rejection::MessageNotFound { message_id: id.clone() };
+    let message_id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+
+    let row: Option<(Uuid, String, i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT conversation_id, sender_id, seq, accepted_at, persisted_at FROM messages WHERE id = $1",
+    )
+    .bind(message_id)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(db_error)?;
+
+    let status = match row {
+        Some((conversation_id, sender_id, seq, accepted_at, persisted_at)) => MessageStatus {
+            message_id,
+            conversation_id,
+            sender_id,
+            state: "sent",
+            seq: Some(seq),
+            accepted_at,
+            persisted_at: Some(persisted_at),
+        },
+        None => {
+            let accepted = state.recently_accepted.get(&message_id).await.ok_or_else(not_found)?;
+            MessageStatus {
+                message_id,
+                conversation_id: accepted.conversation_id,
+                sender_id: accepted.sender_id,
+                state: "pending",
+                seq: None,
+                accepted_at: accepted.accepted_at,
+                persisted_at: None,
+            }
+        }
+    };
+
+    if status.sender_id != user_id && !is_member(&state, status.conversation_id, &user_id).await? {
+        return Err(not_found().into());
+    }
+    Ok(Json(status))
+}
+
+async fn is_member(state: &AppState, conversation_id: Uuid, user_id: &str) -> Result<bool, Rejection> {
+    let conversation = state.facts.conversation(conversation_id).await?;
+    Ok(conversation.is_some_and(|c| c.active_members.contains(user_id)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    after_seq: Option<i64>,
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryPage {
+    pub conversation_id: Uuid,
+    pub messages: Vec<HistoryMessage>,
+    /// Pass as `after_seq` to read on; equal to the request's `after_seq` when nothing is new.
+    pub next_after_seq: i64,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryMessage {
+    pub message_id: Uuid,
+    pub seq: i64,
+    pub sender_id: String,
+    pub content: String,
+    pub content_type: String,
+    pub metadata: sqlx::types::Json<Value>,
+    pub priority: String,
+    pub correlation_id: Uuid,
+    pub accepted_at: DateTime<Utc>,
+    pub persisted_at: DateTime<Utc>,
+}
+
+pub const MAX_HISTORY_PAGE: i64 = 500;
+
+/// History by per-conversation `seq`, for catch-up after a reconnect: members only.
+pub async fn history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Json<HistoryPage>, ApiError> {
+    let user_id = authenticate(&state, &headers)?;
+    let conversation_id = crate::routes::conversations::member_of(&state, &id, &user_id).await?.id;
+    let after_seq = query.after_seq.unwrap_or(0).max(0);
+    let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
+
+    let messages: Vec<HistoryMessage> = sqlx::query_as(
+        "SELECT id AS message_id, seq, sender_id, content, content_type, metadata, priority,
+                correlation_id, accepted_at, persisted_at
+           FROM messages
+          WHERE conversation_id = $1 AND seq > $2
+          ORDER BY seq
+          LIMIT $3",
+    )
+    .bind(conversation_id)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(db_error)?;
+    let next_after_seq = messages.last().map_or(after_seq, |m| m.seq);
+    Ok(Json(HistoryPage { conversation_id, messages, next_after_seq }))
+}

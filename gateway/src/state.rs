@@ -1,0 +1,63 @@
+//! What every request handler shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hotpath_core::auth::TokenVerifier;
+use hotpath_core::config::Config;
+use moka::future::Cache;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::checks::Chain;
+use crate::facts::Facts;
+use crate::metrics::ProducerMetrics;
+use crate::producer::Producer;
+use crate::rate_limit::RateLimit;
+
+/// A message this gateway accepted that may not be in Postgres yet: lets the status route
+/// answer `pending` instead of 404 in the moment between 202 and persist.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub sender_id: String,
+    pub conversation_id: Uuid,
+    pub accepted_at: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub verifier: Arc<TokenVerifier>,
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    pub facts: Facts,
+    pub chain: Chain,
+    pub producer: Producer,
+    pub rate_limit: RateLimit,
+    pub recently_accepted: Cache<Uuid, Accepted>,
+    pub metrics: ProducerMetrics,
+}
+
+impl AppState {
+    pub fn new(config: Config, verifier: TokenVerifier, pool: PgPool, nats: async_nats::Client) -> AppState {
+        let facts = Facts::new(pool.clone(), nats.clone(), config.facts_ttl());
+        let producer = Producer::new(nats.clone(), config.partitions, config.publish_timeout());
+        let rate_limit = RateLimit::new(config.rate_per_user, config.rate_burst);
+        AppState {
+            verifier: Arc::new(verifier),
+            pool,
+            nats,
+            facts,
+            chain: Chain::standard(),
+            producer,
+            rate_limit,
+            recently_accepted: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+            metrics: ProducerMetrics::new(),
+            config: Arc::new(config),
+        }
+    }
+}
