@@ -1,1 +1,75 @@
-pub fn x(){}
+//! The delivery consumers: the cold path that turns the `MESSAGES` stream into rows in
+//! Postgres, in order and exactly once.
+//!
+//! [`run`] starts one [`partition::PartitionWorker`] per partition this replica owns (all of
+//! them by default; replica k of n owns p where p mod n == k) and reports consumer lag.
+//! [`persist`] holds the single-statement batch insert that makes replays harmless.
+
+mod dlq;
+mod metrics;
+pub mod partition;
+pub mod persist;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use hotpath_core::config::Config;
+use hotpath_core::names::{self, MESSAGES_STREAM};
+use hotpath_core::streams::ensure_delivery_consumer;
+use opentelemetry::KeyValue;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::DeliveryMetrics;
+use partition::PartitionWorker;
+
+/// Runs the delivery workers until `shutdown` is cancelled and every worker has settled or
+/// handed back its batch.
+pub async fn run(config: &Config, nats: async_nats::Client, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let js = jetstream::new(nats);
+    let metrics = DeliveryMetrics::new();
+    let partitions = config.owned_partitions();
+    let mut workers = JoinSet::new();
+    for &partition in &partitions {
+        let consumer = ensure_delivery_consumer(&js, partition, config).await?;
+        let worker = PartitionWorker {
+            partition,
+            consumer,
+            pool: pool.clone(),
+            js: js.clone(),
+            metrics: metrics.clone(),
+            batch_size: config.batch_size.max(1),
+            poison_max_deliver: config.poison_max_deliver.max(1),
+            max_retry_delay: (config.ack_wait() / 3).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        };
+        workers.spawn(worker.run(shutdown.clone()));
+    }
+    tracing::info!(partitions = ?partitions, "delivery consumers running");
+
+    let lag = tokio::spawn(report_lag(js, partitions, metrics, shutdown.clone()));
+    while let Some(joined) = workers.join_next().await {
+        joined.context("a partition worker panicked")?;
+    }
+    lag.abort();
+    Ok(())
+}
+
+/// Publishes each owned consumer's pending and ack-pending counts every few seconds.
+async fn report_lag(js: jetstream::Context, partitions: Vec<u32>, metrics: DeliveryMetrics, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let Ok(stream) = js.get_stream(MESSAGES_STREAM).await else { continue };
+        for &partition in &partitions {
+            let Ok(info) = stream.consumer_info(names::delivery_consumer(partition)).await else { continue };
+            let label = [KeyValue::new("partition", partition.to_string())];
+            metrics.consumer_pending.record(info.num_pending, &label);
+            metrics.consumer_ack_pending.record(info.num_ack_pending as u64, &label);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! Moving a message that can never be processed to the `DLQ` stream.
+//!
+//! The DLQ entry is the original payload, unchanged, with headers saying where it came from,
+//! why it failed and how often it was delivered, so `nats stream view DLQ` explains itself and
+//! the payload can be re-published to its source once the cause is fixed. Its `Nats-Msg-Id`
+//! names the source position, so a crash between the DLQ publish and the term-ack cannot file
+//! it twice.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::PublishMessage};
+use hotpath_core::names::{MESSAGES_STREAM, dlq_headers, dlq_subject};
+
+pub struct DeadLetter<'a> {
+    pub payload: &'a [u8],
+    pub subject: &'a str,
+    pub stream_seq: u64,
+    pub deliveries: i64,
+    pub reason: &'a str,
+}
+
+/// Publishes to `dlq.messages` and waits for JetStream to store it.
+pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow::Result<()> {
+    let mut headers = HeaderMap::new();
+    // Header values must be one line.
+    headers.insert(dlq_headers::REASON, letter.reason.replace(['\r', '\n'], " ").as_str());
+    headers.insert(dlq_headers::SOURCE_STREAM, MESSAGES_STREAM);
+    headers.insert(dlq_headers::SOURCE_SUBJECT, letter.subject);
+    headers.insert(dlq_headers::SOURCE_SEQUENCE, letter.stream_seq.to_string().as_str());
+    headers.insert(dlq_headers::DELIVERIES, letter.deliveries.to_string().as_str());
+    let message = PublishMessage::build()
+        .payload(letter.payload.to_vec().into())
+        .headers(headers)
+        .message_id(format!("{MESSAGES_STREAM}:{}", letter.stream_seq));
+    js.send_publish(dlq_subject("messages"), message).await?.await?;
+    Ok(())
+}

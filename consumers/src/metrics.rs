@@ -1,0 +1,80 @@
+//! The delivery pipeline's metrics, with the seed's names and labels.
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Gauge, Histogram};
+
+use hotpath_core::telemetry::{SLOW_MS_BUCKETS, meter};
+
+#[derive(Clone)]
+pub struct DeliveryMetrics {
+    pub persist_total: Counter<u64>,
+    pub persist_duration_ms: Histogram<f64>,
+    pub pipeline_processed_total: Counter<u64>,
+    pub pipeline_duration_ms: Histogram<f64>,
+    pub pipeline_step_duration_ms: Histogram<f64>,
+    pub accept_to_persist_ms: Histogram<f64>,
+    pub dlq_total: Counter<u64>,
+    pub consumer_pending: Gauge<u64>,
+    pub consumer_ack_pending: Gauge<u64>,
+}
+
+impl DeliveryMetrics {
+    pub fn new() -> DeliveryMetrics {
+        let meter = meter();
+        let histogram = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_description(description)
+                .with_boundaries(SLOW_MS_BUCKETS.to_vec())
+                .build()
+        };
+        DeliveryMetrics {
+            persist_total: meter
+                .u64_counter("delivery_persist_total")
+                .with_description("Messages written (or found already written) by status")
+                .build(),
+            persist_duration_ms: histogram("delivery_persist_duration_ms", "One batch's Postgres transaction"),
+            pipeline_processed_total: meter
+                .u64_counter("delivery_pipeline_processed_total")
+                .with_description("Messages settled by the delivery pipeline, by partition and status")
+                .build(),
+            pipeline_duration_ms: histogram("delivery_pipeline_duration_ms", "From fetching a batch to acknowledging it"),
+            pipeline_step_duration_ms: histogram("delivery_pipeline_step_duration_ms", "Each step of a batch"),
+            accept_to_persist_ms: histogram(
+                "delivery_accept_to_persist_ms",
+                "From the gateway's 202 to the message being in Postgres",
+            ),
+            dlq_total: meter
+                .u64_counter("delivery_dlq_total")
+                .with_description("Messages moved to the DLQ stream, by reason")
+                .build(),
+            consumer_pending: meter
+                .u64_gauge("delivery_consumer_pending")
+                .with_description("Messages in the stream not yet delivered to the partition's consumer (lag)")
+                .build(),
+            consumer_ack_pending: meter
+                .u64_gauge("delivery_consumer_ack_pending")
+                .with_description("Messages delivered to the partition's consumer and not yet acknowledged")
+                .build(),
+        }
+    }
+
+    pub fn step(&self, step: &'static str, millis: f64) {
+        self.pipeline_step_duration_ms.record(millis, &[KeyValue::new("step", step)]);
+    }
+
+    pub fn processed(&self, partition: u32, status: &'static str, count: u64) {
+        if count > 0 {
+            self.pipeline_processed_total.add(
+                count,
+                &[KeyValue::new("partition", partition.to_string()), KeyValue::new("status", status)],
+            );
+        }
+    }
+}
+
+impl Default for DeliveryMetrics {
+    fn default() -> Self {
+        DeliveryMetrics::new()
+    }
+}

@@ -1,0 +1,287 @@
+//! One partition's delivery worker: fetch a batch, persist it, acknowledge it, repeat.
+//!
+//! Exactly one batch is in flight per partition, and the next is fetched only after the
+//! previous one is settled, so the stream's order is the persist order. (The consumer's
+//! `max_ack_pending` equals the batch size, so even after a crash JetStream hands out nothing
+//! past an unsettled batch until it has been redelivered.)
+//!
+//! Failures come in two kinds and are treated very differently:
+//! * **transient** (Postgres down, timeouts): the batch stays in hand and is retried with
+//!   backoff, while JetStream is told the messages are still being worked on
+//!   (`AckKind::Progress`), so nothing is redelivered elsewhere, reordered or skipped;
+//! * **permanent** (the data itself is refused): the batch is split in halves until the one
+//!   message that fails is found; only that message is set aside (negatively acknowledged with
+//!   a delay, and moved to the DLQ once it has been delivered `poison_max_deliver` times), so
+//!   one bad message never blocks its partition.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind, Message};
+use futures::StreamExt;
+use hotpath_core::db::is_transient;
+use hotpath_core::envelope::Envelope;
+use opentelemetry::KeyValue;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::dlq::{self, DeadLetter};
+use crate::metrics::DeliveryMetrics;
+use crate::persist::{self, Row};
+
+pub struct PartitionWorker {
+    pub partition: u32,
+    pub consumer: PullConsumer,
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub metrics: DeliveryMetrics,
+    pub batch_size: usize,
+    pub poison_max_deliver: u64,
+    /// Longest pause between retries while Postgres is away; kept well under the ack wait so
+    /// the in-progress signal always arrives in time.
+    pub max_retry_delay: Duration,
+}
+
+/// A fetched message whose envelope could be read.
+struct Item {
+    message: Message,
+    envelope: Envelope,
+    stream_seq: u64,
+    deliveries: i64,
+}
+
+enum Settled {
+    Done(persist::Outcome),
+    Permanent(String),
+    ShuttingDown,
+}
+
+impl PartitionWorker {
+    /// Runs until `shutdown` is cancelled; a batch in hand is settled or handed back first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let fetched = tokio::select! {
+                fetched = self.next_batch() => fetched,
+                () = shutdown.cancelled() => break,
+            };
+            match fetched {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
+                    delay = Duration::from_millis(100);
+                    self.process(batch, &shutdown).await;
+                }
+                Err(error) => {
+                    tracing::warn!(partition = self.partition, %error, "fetch failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!(partition = self.partition, "partition worker stopped");
+    }
+
+    /// Whatever is waiting, up to a batch; if nothing is, waits (long poll) for the next
+    /// message and takes what arrived with it.
+    async fn next_batch(&self) -> anyhow::Result<Vec<Message>> {
+        let mut batch = self.fetch_available(self.batch_size).await?;
+        if batch.is_empty() {
+            let mut wait = self.consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages().await?;
+            match tokio::time::timeout(Duration::from_secs(10), wait.next()).await {
+                Ok(Some(message)) => batch.push(message.map_err(anyhow::Error::from_boxed)?),
+                Ok(None) | Err(_) => return Ok(batch),
+            }
+            if self.batch_size > 1 {
+                batch.extend(self.fetch_available(self.batch_size - 1).await?);
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn fetch_available(&self, max: usize) -> anyhow::Result<Vec<Message>> {
+        let mut messages = Vec::new();
+        let mut fetch = self.consumer.fetch().max_messages(max).messages().await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), fetch.next()).await {
+                Ok(Some(message)) => messages.push(message.map_err(anyhow::Error::from_boxed)?),
+                Ok(None) => return Ok(messages),
+                Err(_) => anyhow::bail!("fetch did not complete within 10 s"),
+            }
+        }
+    }
+
+    async fn process(&self, batch: Vec<Message>, shutdown: &CancellationToken) {
+        let started = Instant::now();
+        let size = batch.len();
+        let mut items = Vec::with_capacity(size);
+        for message in batch {
+            let (stream_seq, deliveries) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.delivered),
+                Err(error) => {
+                    tracing::warn!(partition = self.partition, %error, "message without JetStream metadata; skipping");
+                    continue;
+                }
+            };
+            match Envelope::decode(&message.payload) {
+                Ok(envelope) => items.push(Item { message, envelope, stream_seq, deliveries }),
+                // Bytes that are not an envelope never will be: straight to the DLQ.
+                Err(error) => self.dead_letter(&message, stream_seq, deliveries, &error.to_string()).await,
+            }
+        }
+        self.metrics.step("decode", started.elapsed().as_secs_f64() * 1000.0);
+
+        self.persist_in_order(&items, shutdown).await;
+        self.metrics.pipeline_duration_ms.record(
+            started.elapsed().as_secs_f64() * 1000.0,
+            &[KeyValue::new("partition", self.partition.to_string())],
+        );
+        tracing::debug!(partition = self.partition, batch_len = size, "settled batch");
+    }
+
+    /// Persists the items in stream order, splitting around permanent failures.
+    async fn persist_in_order(&self, items: &[Item], shutdown: &CancellationToken) {
+        let mut ranges: VecDeque<Range<usize>> = VecDeque::from([0..items.len()]);
+        while let Some(range) = ranges.pop_front() {
+            let slice = &items[range.clone()];
+            if slice.is_empty() {
+                continue;
+            }
+            match self.persist_with_retry(slice, shutdown).await {
+                Settled::Done(outcome) => self.settle(slice, outcome).await,
+                Settled::Permanent(reason) if slice.len() == 1 => self.poison(&slice[0], &reason).await,
+                Settled::Permanent(_) => {
+                    let middle = range.start + slice.len() / 2;
+                    ranges.push_front(middle..range.end);
+                    ranges.push_front(range.start..middle);
+                }
+                Settled::ShuttingDown => {
+                    // Hand everything not yet settled back to JetStream for whoever runs next.
+                    let unsettled = std::iter::once(range).chain(ranges.drain(..));
+                    for item in unsettled.flat_map(|r| &items[r]) {
+                        let _ = item.message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One transaction for the slice; on a transient failure, keeps the slice in hand and
+    /// retries with backoff until it succeeds, fails permanently, or the worker shuts down.
+    async fn persist_with_retry(&self, slice: &[Item], shutdown: &CancellationToken) -> Settled {
+        let rows: Vec<Row<'_>> = slice
+            .iter()
+            .map(|item| Row { envelope: &item.envelope, partition: self.partition, stream_seq: item.stream_seq })
+            .collect();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let result = persist::persist(&self.pool, &rows).await;
+            let millis = started.elapsed().as_secs_f64() * 1000.0;
+            let status = if result.is_ok() { "success" } else { "error" };
+            self.metrics.persist_duration_ms.record(millis, &[KeyValue::new("status", status)]);
+            self.metrics.step("persist", millis);
+            match result {
+                Ok(outcome) => return Settled::Done(outcome),
+                Err(error) if is_transient(&error) => {
+                    tracing::warn!(
+                        partition = self.partition,
+                        batch_len = slice.len(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        %error,
+                        "Postgres unavailable; holding the batch"
+                    );
+                    for item in slice {
+                        let _ = item.message.ack_with(AckKind::Progress).await;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return Settled::ShuttingDown,
+                    }
+                    delay = (delay * 2).min(self.max_retry_delay);
+                }
+                Err(error) => {
+                    tracing::warn!(partition = self.partition, batch_len = slice.len(), %error, "batch refused by Postgres");
+                    return Settled::Permanent(error.to_string());
+                }
+            }
+        }
+    }
+
+    /// Acknowledges what was stored (or already stored); sets aside what can never be.
+    async fn settle(&self, slice: &[Item], outcome: persist::Outcome) {
+        let started = Instant::now();
+        let now = chrono::Utc::now();
+        for (index, _seq) in &outcome.inserted {
+            let item = &slice[*index];
+            let waited = (now - item.envelope.accepted_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            self.metrics.accept_to_persist_ms.record(waited.max(0.0), &[]);
+            self.ack(&item.message).await;
+        }
+        for index in &outcome.duplicates {
+            self.ack(&slice[*index].message).await;
+        }
+        for index in &outcome.orphans {
+            self.poison(&slice[*index], "conversation does not exist").await;
+        }
+        let inserted = outcome.inserted.len() as u64;
+        let duplicates = outcome.duplicates.len() as u64;
+        let count = |n: u64, hit: &'static str| {
+            if n > 0 {
+                self.metrics.persist_total.add(n, &[KeyValue::new("status", "success"), KeyValue::new("idempotent_hit", hit)]);
+            }
+        };
+        count(inserted, "false");
+        count(duplicates, "true");
+        self.metrics.processed(self.partition, "success", inserted + duplicates);
+        self.metrics.step("ack", started.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    async fn ack(&self, message: &Message) {
+        if let Err(error) = message.ack().await {
+            // The message will be redelivered and found already stored: harmless.
+            tracing::warn!(partition = self.partition, %error, "ack failed");
+        }
+    }
+
+    /// A message that cannot be stored: retried later (in case the cause was misjudged) until
+    /// it has been delivered `poison_max_deliver` times, then moved to the DLQ.
+    async fn poison(&self, item: &Item, reason: &str) {
+        self.metrics.persist_total.add(1, &[KeyValue::new("status", "failed"), KeyValue::new("idempotent_hit", "false")]);
+        if item.deliveries as u64 >= self.poison_max_deliver {
+            self.dead_letter(&item.message, item.stream_seq, item.deliveries, reason).await;
+        } else {
+            tracing::warn!(partition = self.partition, stream_seq = item.stream_seq, deliveries = item.deliveries, reason, "message refused; will retry");
+            let delay = Duration::from_secs(item.deliveries.clamp(1, 30) as u64);
+            let _ = item.message.ack_with(AckKind::Nak(Some(delay))).await;
+            self.metrics.processed(self.partition, "retry", 1);
+        }
+    }
+
+    async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
+        let letter = DeadLetter {
+            payload: &message.payload,
+            subject: message.subject.as_str(),
+            stream_seq,
+            deliveries,
+            reason,
+        };
+        match dlq::publish(&self.js, letter).await {
+            Ok(()) => {
+                tracing::warn!(partition = self.partition, stream_seq, deliveries, reason, "moved to DLQ");
+                let _ = message.ack_with(AckKind::Term).await;
+                self.metrics.dlq_total.add(1, &[KeyValue::new("source", "messages")]);
+                self.metrics.processed(self.partition, "dead_lettered", 1);
+            }
+            Err(error) => {
+                tracing::warn!(partition = self.partition, stream_seq, %error, "DLQ publish failed; will retry");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+}
