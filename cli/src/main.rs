@@ -1,1 +1,98 @@
-fn main(){}
+//! `hotpath`: one binary, one subcommand per role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use hotpath::{roles, up};
+use hotpath_core::auth;
+use hotpath_core::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "hotpath", version, about = "Chat-message ingress and delivery on NATS JetStream and Postgres")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start everything locally: nats-server, Postgres, migrations, gateway and consumers.
+    Up {
+        /// Where the local servers keep their data, ports and the development JWT secret.
+        #[arg(long, default_value = ".hotpath")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        config: Config,
+    },
+    /// Run the gateway (HTTP API) against the given NATS and Postgres.
+    Gateway {
+        #[command(flatten)]
+        config: Config,
+    },
+    /// Run the delivery consumers against the given NATS and Postgres.
+    Consumers {
+        /// Where /metrics and /healthz are served.
+        #[arg(long, env = "HOTPATH_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
+        metrics_listen: SocketAddr,
+        #[command(flatten)]
+        config: Config,
+    },
+    /// Apply the database migrations and the stream definitions, then exit.
+    Migrate {
+        #[command(flatten)]
+        config: Config,
+    },
+    /// Print a development bearer token for a user (HS256, signed with the configured secret
+    /// or the one `hotpath up` generated in its data directory).
+    Token {
+        user_id: String,
+        /// Data directory of `hotpath up`, whose secret is used when none is configured.
+        #[arg(long, default_value = ".hotpath")]
+        data_dir: PathBuf,
+        /// Lifetime of the token.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+        #[command(flatten)]
+        config: Config,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    hotpath_core::telemetry::init_tracing();
+    match Cli::parse().command {
+        Command::Up { data_dir, config } => up::up(&data_dir, config.listen, config).await,
+        Command::Gateway { config } => {
+            tracing::info!(config = %config, "configuration");
+            roles::prepare(&config).await?;
+            let shutdown = CancellationToken::new();
+            let (addr, task) = roles::spawn_gateway(config, shutdown.clone()).await?;
+            tracing::info!(%addr, "gateway listening");
+            roles::termination_signal().await;
+            shutdown.cancel();
+            task.await?
+        }
+        Command::Consumers { metrics_listen, config } => {
+            tracing::info!(config = %config, "configuration");
+            roles::prepare(&config).await?;
+            let shutdown = CancellationToken::new();
+            let metrics = roles::spawn_metrics_endpoint(metrics_listen, shutdown.clone()).await?;
+            let task = roles::spawn_consumers(config, shutdown.clone()).await?;
+            roles::termination_signal().await;
+            shutdown.cancel();
+            task.await??;
+            metrics.await?
+        }
+        Command::Migrate { config } => roles::prepare(&config).await,
+        Command::Token { user_id, data_dir, ttl_secs, config } => {
+            let secret = match auth::hs256_secret(&config) {
+                Ok(secret) => secret,
+                Err(_) => auth::read_secret_file(&data_dir.join("jwt-secret"))?,
+            };
+            println!("{}", auth::mint_hs256_token(&secret, &user_id, ttl_secs)?);
+            Ok(())
+        }
+    }
+}

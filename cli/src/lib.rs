@@ -1,0 +1,5 @@
+//! The `hotpath` command's pieces, as a library so the integration tests start exactly what
+//! the command starts.
+
+pub mod roles;
+pub mod up;

@@ -1,0 +1,81 @@
+//! Starting Hotpath's roles. `hotpath gateway` and `hotpath consumers` run one each (that is
+//! how Kubernetes runs them); `hotpath up` and the tests run both in one process.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use hotpath_core::auth::TokenVerifier;
+use hotpath_core::config::Config;
+use hotpath_core::{db, streams};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Makes sure the streams and the schema exist. Every role does this at start; both steps are
+/// idempotent and safe to run concurrently.
+pub async fn prepare(config: &Config) -> anyhow::Result<()> {
+    let nats = streams::connect(&config.nats_url, "hotpath-setup").await?;
+    streams::ensure_streams(&jetstream::new(nats), config.partitions).await?;
+    let pool = db::connect(&config.database_url, 2).await?;
+    db::migrate(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Binds the gateway's listener and serves on a task until `shutdown`. Returns the bound
+/// address (useful with port 0).
+pub async fn spawn_gateway(
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
+    let verifier = TokenVerifier::from_config(&config)?;
+    let nats = streams::connect(&config.nats_url, "hotpath-gateway").await?;
+    let pool = db::connect(&config.database_url, config.db_max_connections).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the gateway to {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let router = hotpath_gateway::router(config, verifier, pool, nats, shutdown.clone()).await?;
+    let task = tokio::spawn(hotpath_gateway::serve(listener, router, shutdown));
+    Ok((addr, task))
+}
+
+/// Starts the delivery consumers on a task until `shutdown`.
+pub async fn spawn_consumers(config: Config, shutdown: CancellationToken) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let nats = streams::connect(&config.nats_url, "hotpath-consumers").await?;
+    let pool = db::connect(&config.database_url, config.db_max_connections).await?;
+    Ok(tokio::spawn(async move { hotpath_consumers::run(&config, nats, pool, shutdown).await }))
+}
+
+/// Serves `/metrics`, `/healthz` for a process that has no gateway (`hotpath consumers`).
+pub async fn spawn_metrics_endpoint(
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route("/metrics", get(|| async { hotpath_core::telemetry::render() }))
+        .route("/healthz", get(|| async { "ok" }));
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding metrics to {listen}"))?;
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+        Ok(())
+    }))
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (Kubernetes, `kill`).
+pub async fn termination_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C still works");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,158 @@
+//! `hotpath up`: the whole system on one machine, in one process, for a developer or a
+//! newcomer.
+//!
+//! It starts (never installs) a nats-server with JetStream and a Postgres cluster in the data
+//! directory, on ports it records there so URLs stay the same from run to run, applies
+//! migrations and stream definitions, runs the gateway and the consumers, and prints how to
+//! talk to it. Ctrl-C drains and stops everything. The servers are children of this process
+//! and die with it even on `kill -9`; the next `hotpath up` finds their data where they left it
+//! (Postgres and JetStream both recover their own files) and carries on.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hotpath_core::auth;
+use hotpath_core::config::Config;
+use hotpath_localstack::{NatsServer, Postgres, free_port};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::roles;
+
+/// Ports chosen on the first run, reused on later ones when still free.
+#[derive(Debug, Serialize, Deserialize)]
+struct Ports {
+    nats: u16,
+    postgres: u16,
+}
+
+pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    refuse_if_already_running(&data_dir)?;
+    std::fs::write(data_dir.join("up.pid"), std::process::id().to_string())?;
+
+    let ports = choose_ports(&data_dir)?;
+    println!("starting nats-server on 127.0.0.1:{} (data in {})", ports.nats, data_dir.join("nats").display());
+    let mut nats = NatsServer::start(&data_dir.join("nats"), ports.nats).await?;
+    println!("starting Postgres on 127.0.0.1:{} (data in {})", ports.postgres, data_dir.join("postgres").display());
+    let mut postgres = Postgres::start(&data_dir.join("postgres"), ports.postgres, "hotpath", &[]).await?;
+
+    config.nats_url = nats.url();
+    config.database_url = postgres.url();
+    config.listen = listen;
+    if config.jwt_secret.is_none() && config.jwt_secret_file.is_none() && config.jwt_public_key_file.is_none() {
+        config.jwt_secret_file = Some(ensure_dev_secret(&data_dir)?);
+    }
+    tracing::info!(config = %config, "configuration");
+
+    let shutdown = CancellationToken::new();
+    let outcome = run_until_signal(&config, &data_dir, shutdown).await;
+
+    println!("stopping nats-server and Postgres");
+    if let Err(error) = nats.stop().await {
+        tracing::warn!(%error, "stopping nats-server");
+    }
+    if let Err(error) = postgres.stop().await {
+        tracing::warn!(%error, "stopping Postgres");
+    }
+    let _ = std::fs::remove_file(data_dir.join("up.pid"));
+    outcome
+}
+
+async fn run_until_signal(config: &Config, data_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+    roles::prepare(config).await?;
+    let consumers = roles::spawn_consumers(config.clone(), shutdown.clone()).await?;
+    let (addr, gateway) = roles::spawn_gateway(config.clone(), shutdown.clone()).await?;
+    print_welcome(addr, config, data_dir)?;
+
+    roles::termination_signal().await;
+    println!("\nshutting down: draining requests and settling in-flight batches");
+    shutdown.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        let gateway = gateway.await;
+        let consumers = consumers.await;
+        (gateway, consumers)
+    })
+    .await;
+    match drained {
+        Ok((gateway, consumers)) => {
+            gateway.context("gateway task")??;
+            consumers.context("consumers task")??;
+        }
+        Err(_) => tracing::warn!("roles did not stop within 30 s"),
+    }
+    Ok(())
+}
+
+fn refuse_if_already_running(data_dir: &Path) -> anyhow::Result<()> {
+    let Ok(pid) = std::fs::read_to_string(data_dir.join("up.pid")) else { return Ok(()) };
+    let Ok(pid) = pid.trim().parse::<i32>() else { return Ok(()) };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let alive_hotpath = pid as u32 != std::process::id() && String::from_utf8_lossy(&cmdline).contains("hotpath");
+    anyhow::ensure!(
+        !alive_hotpath,
+        "hotpath up is already running with this data directory (pid {pid}); stop it with Ctrl-C or `kill {pid}`"
+    );
+    Ok(())
+}
+
+/// The recorded ports if they are still free, else new free ones (recorded for next time).
+fn choose_ports(data_dir: &Path) -> anyhow::Result<Ports> {
+    let path = data_dir.join("ports.json");
+    let recorded: Option<Ports> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let usable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    let ports = Ports {
+        nats: recorded.as_ref().map(|p| p.nats).filter(|p| usable(*p)).map_or_else(free_port, Ok)?,
+        postgres: recorded.as_ref().map(|p| p.postgres).filter(|p| usable(*p)).map_or_else(free_port, Ok)?,
+    };
+    std::fs::write(&path, serde_json::to_vec_pretty(&ports)?)?;
+    Ok(ports)
+}
+
+/// The development HS256 secret, generated on first run.
+fn ensure_dev_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("jwt-secret");
+    if !path.exists() {
+        std::fs::write(&path, auth::generate_secret())?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(path)
+}
+
+fn print_welcome(addr: SocketAddr, config: &Config, data_dir: &Path) -> anyhow::Result<()> {
+    let secret = auth::hs256_secret(config)?;
+    let alice = auth::mint_hs256_token(&secret, "alice", 86_400)?;
+    let base = format!("http://{addr}");
+    println!(
+        r#"
+Hotpath is up.
+  API          {base}/v1/messages   (POST)
+  health       {base}/healthz  {base}/readyz
+  metrics      {base}/metrics      (open in a browser)
+  NATS         {nats}
+  Postgres     {pg}
+  data dir     {dir}
+
+Try it (tokens for other users: hotpath token <user> --data-dir {dir}):
+
+  export TOKEN={alice}
+  CONV=$(curl -s -X POST {base}/v1/conversations -H "Authorization: Bearer $TOKEN" \
+      -H 'Content-Type: application/json' -d '{{"type":"group","members":["bob"]}}' \
+      | sed 's/.*"conversationId":"\([^"]*\)".*/\1/')
+  curl -s -X POST {base}/v1/messages -H "Authorization: Bearer $TOKEN" \
+      -H 'Content-Type: application/json' \
+      -d "{{\"conversationId\":\"$CONV\",\"content\":\"hello\",\"contentType\":\"text\",\"clientMessageId\":\"m-1\"}}"
+  curl -s {base}/v1/conversations/$CONV/messages -H "Authorization: Bearer $TOKEN"
+
+Press Ctrl-C to stop.
+"#,
+        nats = config.nats_url,
+        pg = hotpath_core::config::redact_url_password(&config.database_url),
+        dir = data_dir.display(),
+    );
+    Ok(())
+}
