@@ -10,7 +10,11 @@ use hotpath_core::config::Config;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "hotpath", version, about = "Chat-message ingress and delivery on NATS JetStream and Postgres")]
+#[command(
+    name = "hotpath",
+    version,
+    about = "Chat-message ingress and delivery on NATS JetStream and Postgres"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +78,10 @@ async fn main() -> anyhow::Result<()> {
             shutdown.cancel();
             task.await?
         }
-        Command::Consumers { metrics_listen, config } => {
+        Command::Consumers {
+            metrics_listen,
+            config,
+        } => {
             tracing::info!(config = %config, "configuration");
             roles::prepare(&config).await?;
             let shutdown = CancellationToken::new();
@@ -86,7 +93,12 @@ async fn main() -> anyhow::Result<()> {
             metrics.await?
         }
         Command::Migrate { config } => roles::prepare(&config).await,
-        Command::Token { user_id, data_dir, ttl_secs, config } => {
+        Command::Token {
+            user_id,
+            data_dir,
+            ttl_secs,
+            config,
+        } => {
             let secret = match auth::hs256_secret(&config) {
                 Ok(secret) => secret,
                 Err(_) => auth::read_secret_file(&data_dir.join("jwt-secret"))?,

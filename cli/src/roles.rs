@@ -42,10 +42,15 @@ pub async fn spawn_gateway(
 }
 
 /// Starts the delivery consumers on a task until `shutdown`.
-pub async fn spawn_consumers(config: Config, shutdown: CancellationToken) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+pub async fn spawn_consumers(
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     let nats = streams::connect(&config.nats_url, "hotpath-consumers").await?;
     let pool = db::connect(&config.database_url, config.db_max_connections).await?;
-    Ok(tokio::spawn(async move { hotpath_consumers::run(&config, nats, pool, shutdown).await }))
+    Ok(tokio::spawn(async move {
+        hotpath_consumers::run(&config, nats, pool, shutdown).await
+    }))
 }
 
 /// Serves `/metrics`, `/healthz` for a process that has no gateway (`hotpath consumers`).
@@ -55,11 +60,18 @@ pub async fn spawn_metrics_endpoint(
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     use axum::routing::get;
     let router = axum::Router::new()
-        .route("/metrics", get(|| async { hotpath_core::telemetry::render() }))
+        .route(
+            "/metrics",
+            get(|| async { hotpath_core::telemetry::render() }),
+        )
         .route("/healthz", get(|| async { "ok" }));
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding metrics to {listen}"))?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding metrics to {listen}"))?;
     Ok(tokio::spawn(async move {
-        axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await?;
         Ok(())
     }))
 }

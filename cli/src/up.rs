@@ -29,21 +29,34 @@ struct Ports {
 }
 
 pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     refuse_if_already_running(&data_dir)?;
     std::fs::write(data_dir.join("up.pid"), std::process::id().to_string())?;
 
     let ports = choose_ports(&data_dir)?;
-    println!("starting nats-server on 127.0.0.1:{} (data in {})", ports.nats, data_dir.join("nats").display());
+    println!(
+        "starting nats-server on 127.0.0.1:{} (data in {})",
+        ports.nats,
+        data_dir.join("nats").display()
+    );
     let mut nats = NatsServer::start(&data_dir.join("nats"), ports.nats).await?;
-    println!("starting Postgres on 127.0.0.1:{} (data in {})", ports.postgres, data_dir.join("postgres").display());
-    let mut postgres = Postgres::start(&data_dir.join("postgres"), ports.postgres, "hotpath", &[]).await?;
+    println!(
+        "starting Postgres on 127.0.0.1:{} (data in {})",
+        ports.postgres,
+        data_dir.join("postgres").display()
+    );
+    let mut postgres =
+        Postgres::start(&data_dir.join("postgres"), ports.postgres, "hotpath", &[]).await?;
 
     config.nats_url = nats.url();
     config.database_url = postgres.url();
     config.listen = listen;
-    if config.jwt_secret.is_none() && config.jwt_secret_file.is_none() && config.jwt_public_key_file.is_none() {
+    if config.jwt_secret.is_none()
+        && config.jwt_secret_file.is_none()
+        && config.jwt_public_key_file.is_none()
+    {
         config.jwt_secret_file = Some(ensure_dev_secret(&data_dir)?);
     }
     tracing::info!(config = %config, "configuration");
@@ -62,7 +75,11 @@ pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyh
     outcome
 }
 
-async fn run_until_signal(config: &Config, data_dir: &Path, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn run_until_signal(
+    config: &Config,
+    data_dir: &Path,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     roles::prepare(config).await?;
     let consumers = roles::spawn_consumers(config.clone(), shutdown.clone()).await?;
     let (addr, gateway) = roles::spawn_gateway(config.clone(), shutdown.clone()).await?;
@@ -88,10 +105,15 @@ async fn run_until_signal(config: &Config, data_dir: &Path, shutdown: Cancellati
 }
 
 fn refuse_if_already_running(data_dir: &Path) -> anyhow::Result<()> {
-    let Ok(pid) = std::fs::read_to_string(data_dir.join("up.pid")) else { return Ok(()) };
-    let Ok(pid) = pid.trim().parse::<i32>() else { return Ok(()) };
+    let Ok(pid) = std::fs::read_to_string(data_dir.join("up.pid")) else {
+        return Ok(());
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return Ok(());
+    };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let alive_hotpath = pid as u32 != std::process::id() && String::from_utf8_lossy(&cmdline).contains("hotpath");
+    let alive_hotpath =
+        pid as u32 != std::process::id() && String::from_utf8_lossy(&cmdline).contains("hotpath");
     anyhow::ensure!(
         !alive_hotpath,
         "hotpath up is already running with this data directory (pid {pid}); stop it with Ctrl-C or `kill {pid}`"
@@ -102,11 +124,21 @@ fn refuse_if_already_running(data_dir: &Path) -> anyhow::Result<()> {
 /// The recorded ports if they are still free, else new free ones (recorded for next time).
 fn choose_ports(data_dir: &Path) -> anyhow::Result<Ports> {
     let path = data_dir.join("ports.json");
-    let recorded: Option<Ports> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let recorded: Option<Ports> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let usable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
     let ports = Ports {
-        nats: recorded.as_ref().map(|p| p.nats).filter(|p| usable(*p)).map_or_else(free_port, Ok)?,
-        postgres: recorded.as_ref().map(|p| p.postgres).filter(|p| usable(*p)).map_or_else(free_port, Ok)?,
+        nats: recorded
+            .as_ref()
+            .map(|p| p.nats)
+            .filter(|p| usable(*p))
+            .map_or_else(free_port, Ok)?,
+        postgres: recorded
+            .as_ref()
+            .map(|p| p.postgres)
+            .filter(|p| usable(*p))
+            .map_or_else(free_port, Ok)?,
     };
     std::fs::write(&path, serde_json::to_vec_pretty(&ports)?)?;
     Ok(ports)

@@ -22,15 +22,26 @@ pub struct DeadLetter<'a> {
 pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow::Result<()> {
     let mut headers = HeaderMap::new();
     // Header values must be one line.
-    headers.insert(dlq_headers::REASON, letter.reason.replace(['\r', '\n'], " ").as_str());
+    headers.insert(
+        dlq_headers::REASON,
+        letter.reason.replace(['\r', '\n'], " ").as_str(),
+    );
     headers.insert(dlq_headers::SOURCE_STREAM, MESSAGES_STREAM);
     headers.insert(dlq_headers::SOURCE_SUBJECT, letter.subject);
-    headers.insert(dlq_headers::SOURCE_SEQUENCE, letter.stream_seq.to_string().as_str());
-    headers.insert(dlq_headers::DELIVERIES, letter.deliveries.to_string().as_str());
+    headers.insert(
+        dlq_headers::SOURCE_SEQUENCE,
+        letter.stream_seq.to_string().as_str(),
+    );
+    headers.insert(
+        dlq_headers::DELIVERIES,
+        letter.deliveries.to_string().as_str(),
+    );
     let message = PublishMessage::build()
         .payload(letter.payload.to_vec().into())
         .headers(headers)
         .message_id(format!("{MESSAGES_STREAM}:{}", letter.stream_seq));
-    js.send_publish(dlq_subject("messages"), message).await?.await?;
+    js.send_publish(dlq_subject("messages"), message)
+        .await?
+        .await?;
     Ok(())
 }

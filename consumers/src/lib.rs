@@ -27,7 +27,12 @@ use partition::PartitionWorker;
 
 /// Runs the delivery workers until `shutdown` is cancelled and every worker has settled or
 /// handed back its batch.
-pub async fn run(config: &Config, nats: async_nats::Client, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: &Config,
+    nats: async_nats::Client,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let js = jetstream::new(nats);
     let metrics = DeliveryMetrics::new();
     let partitions = config.owned_partitions();
@@ -42,7 +47,8 @@ pub async fn run(config: &Config, nats: async_nats::Client, pool: PgPool, shutdo
             metrics: metrics.clone(),
             batch_size: config.batch_size.max(1),
             poison_max_deliver: config.poison_max_deliver.max(1),
-            max_retry_delay: (config.ack_wait() / 3).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            max_retry_delay: (config.ack_wait() / 3)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
         };
         workers.spawn(worker.run(shutdown.clone()));
     }
@@ -57,19 +63,33 @@ pub async fn run(config: &Config, nats: async_nats::Client, pool: PgPool, shutdo
 }
 
 /// Publishes each owned consumer's pending and ack-pending counts every few seconds.
-async fn report_lag(js: jetstream::Context, partitions: Vec<u32>, metrics: DeliveryMetrics, shutdown: CancellationToken) {
+async fn report_lag(
+    js: jetstream::Context,
+    partitions: Vec<u32>,
+    metrics: DeliveryMetrics,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let Ok(stream) = js.get_stream(MESSAGES_STREAM).await else { continue };
+        let Ok(stream) = js.get_stream(MESSAGES_STREAM).await else {
+            continue;
+        };
         for &partition in &partitions {
-            let Ok(info) = stream.consumer_info(names::delivery_consumer(partition)).await else { continue };
+            let Ok(info) = stream
+                .consumer_info(names::delivery_consumer(partition))
+                .await
+            else {
+                continue;
+            };
             let label = [KeyValue::new("partition", partition.to_string())];
             metrics.consumer_pending.record(info.num_pending, &label);
-            metrics.consumer_ack_pending.record(info.num_ack_pending as u64, &label);
+            metrics
+                .consumer_ack_pending
+                .record(info.num_ack_pending as u64, &label);
         }
     }
 }

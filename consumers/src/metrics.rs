@@ -33,13 +33,24 @@ impl DeliveryMetrics {
                 .u64_counter("delivery_persist_total")
                 .with_description("Messages written (or found already written) by status")
                 .build(),
-            persist_duration_ms: histogram("delivery_persist_duration_ms", "One batch's Postgres transaction"),
+            persist_duration_ms: histogram(
+                "delivery_persist_duration_ms",
+                "One batch's Postgres transaction",
+            ),
             pipeline_processed_total: meter
                 .u64_counter("delivery_pipeline_processed_total")
-                .with_description("Messages settled by the delivery pipeline, by partition and status")
+                .with_description(
+                    "Messages settled by the delivery pipeline, by partition and status",
+                )
                 .build(),
-            pipeline_duration_ms: histogram("delivery_pipeline_duration_ms", "From fetching a batch to acknowledging it"),
-            pipeline_step_duration_ms: histogram("delivery_pipeline_step_duration_ms", "Each step of a batch"),
+            pipeline_duration_ms: histogram(
+                "delivery_pipeline_duration_ms",
+                "From fetching a batch to acknowledging it",
+            ),
+            pipeline_step_duration_ms: histogram(
+                "delivery_pipeline_step_duration_ms",
+                "Each step of a batch",
+            ),
             accept_to_persist_ms: histogram(
                 "delivery_accept_to_persist_ms",
                 "From the gateway's 202 to the message being in Postgres",
@@ -50,24 +61,32 @@ impl DeliveryMetrics {
                 .build(),
             consumer_pending: meter
                 .u64_gauge("delivery_consumer_pending")
-                .with_description("Messages in the stream not yet delivered to the partition's consumer (lag)")
+                .with_description(
+                    "Messages in the stream not yet delivered to the partition's consumer (lag)",
+                )
                 .build(),
             consumer_ack_pending: meter
                 .u64_gauge("delivery_consumer_ack_pending")
-                .with_description("Messages delivered to the partition's consumer and not yet acknowledged")
+                .with_description(
+                    "Messages delivered to the partition's consumer and not yet acknowledged",
+                )
                 .build(),
         }
     }
 
     pub fn step(&self, step: &'static str, millis: f64) {
-        self.pipeline_step_duration_ms.record(millis, &[KeyValue::new("step", step)]);
+        self.pipeline_step_duration_ms
+            .record(millis, &[KeyValue::new("step", step)]);
     }
 
     pub fn processed(&self, partition: u32, status: &'static str, count: u64) {
         if count > 0 {
             self.pipeline_processed_total.add(
                 count,
-                &[KeyValue::new("partition", partition.to_string()), KeyValue::new("status", status)],
+                &[
+                    KeyValue::new("partition", partition.to_string()),
+                    KeyValue::new("status", status),
+                ],
             );
         }
     }

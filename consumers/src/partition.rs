@@ -91,7 +91,13 @@ impl PartitionWorker {
     async fn next_batch(&self) -> anyhow::Result<Vec<Message>> {
         let mut batch = self.fetch_available(self.batch_size).await?;
         if batch.is_empty() {
-            let mut wait = self.consumer.batch().max_messages(1).expires(Duration::from_secs(5)).messages().await?;
+            let mut wait = self
+                .consumer
+                .batch()
+                .max_messages(1)
+                .expires(Duration::from_secs(5))
+                .messages()
+                .await?;
             match tokio::time::timeout(Duration::from_secs(10), wait.next()).await {
                 Ok(Some(message)) => batch.push(message.map_err(anyhow::Error::from_boxed)?),
                 Ok(None) | Err(_) => return Ok(batch),
@@ -128,19 +134,32 @@ impl PartitionWorker {
                 }
             };
             match Envelope::decode(&message.payload) {
-                Ok(envelope) => items.push(Item { message, envelope, stream_seq, deliveries }),
+                Ok(envelope) => items.push(Item {
+                    message,
+                    envelope,
+                    stream_seq,
+                    deliveries,
+                }),
                 // Bytes that are not an envelope never will be: straight to the DLQ.
-                Err(error) => self.dead_letter(&message, stream_seq, deliveries, &error.to_string()).await,
+                Err(error) => {
+                    self.dead_letter(&message, stream_seq, deliveries, &error.to_string())
+                        .await
+                }
             }
         }
-        self.metrics.step("decode", started.elapsed().as_secs_f64() * 1000.0);
+        self.metrics
+            .step("decode", started.elapsed().as_secs_f64() * 1000.0);
 
         self.persist_in_order(&items, shutdown).await;
         self.metrics.pipeline_duration_ms.record(
             started.elapsed().as_secs_f64() * 1000.0,
             &[KeyValue::new("partition", self.partition.to_string())],
         );
-        tracing::debug!(partition = self.partition, batch_len = size, "settled batch");
+        tracing::debug!(
+            partition = self.partition,
+            batch_len = size,
+            "settled batch"
+        );
     }
 
     /// Persists the items in stream order, splitting around permanent failures.
@@ -153,7 +172,9 @@ impl PartitionWorker {
             }
             match self.persist_with_retry(slice, shutdown).await {
                 Settled::Done(outcome) => self.settle(slice, outcome).await,
-                Settled::Permanent(reason) if slice.len() == 1 => self.poison(&slice[0], &reason).await,
+                Settled::Permanent(reason) if slice.len() == 1 => {
+                    self.poison(&slice[0], &reason).await
+                }
                 Settled::Permanent(_) => {
                     let middle = range.start + slice.len() / 2;
                     ranges.push_front(middle..range.end);
@@ -163,7 +184,10 @@ impl PartitionWorker {
                     // Hand everything not yet settled back to JetStream for whoever runs next.
                     let unsettled = std::iter::once(range).chain(ranges.drain(..));
                     for item in unsettled.flat_map(|r| &items[r]) {
-                        let _ = item.message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        let _ = item
+                            .message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
                     }
                     return;
                 }
@@ -176,7 +200,11 @@ impl PartitionWorker {
     async fn persist_with_retry(&self, slice: &[Item], shutdown: &CancellationToken) -> Settled {
         let rows: Vec<Row<'_>> = slice
             .iter()
-            .map(|item| Row { envelope: &item.envelope, partition: self.partition, stream_seq: item.stream_seq })
+            .map(|item| Row {
+                envelope: &item.envelope,
+                partition: self.partition,
+                stream_seq: item.stream_seq,
+            })
             .collect();
         let mut delay = Duration::from_millis(100);
         loop {
@@ -184,7 +212,9 @@ impl PartitionWorker {
             let result = persist::persist(&self.pool, &rows).await;
             let millis = started.elapsed().as_secs_f64() * 1000.0;
             let status = if result.is_ok() { "success" } else { "error" };
-            self.metrics.persist_duration_ms.record(millis, &[KeyValue::new("status", status)]);
+            self.metrics
+                .persist_duration_ms
+                .record(millis, &[KeyValue::new("status", status)]);
             self.metrics.step("persist", millis);
             match result {
                 Ok(outcome) => return Settled::Done(outcome),
@@ -219,27 +249,41 @@ impl PartitionWorker {
         let now = chrono::Utc::now();
         for (index, _seq) in &outcome.inserted {
             let item = &slice[*index];
-            let waited = (now - item.envelope.accepted_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-            self.metrics.accept_to_persist_ms.record(waited.max(0.0), &[]);
+            let waited = (now - item.envelope.accepted_at)
+                .num_microseconds()
+                .unwrap_or(0) as f64
+                / 1000.0;
+            self.metrics
+                .accept_to_persist_ms
+                .record(waited.max(0.0), &[]);
             self.ack(&item.message).await;
         }
         for index in &outcome.duplicates {
             self.ack(&slice[*index].message).await;
         }
         for index in &outcome.orphans {
-            self.poison(&slice[*index], "conversation does not exist").await;
+            self.poison(&slice[*index], "conversation does not exist")
+                .await;
         }
         let inserted = outcome.inserted.len() as u64;
         let duplicates = outcome.duplicates.len() as u64;
         let count = |n: u64, hit: &'static str| {
             if n > 0 {
-                self.metrics.persist_total.add(n, &[KeyValue::new("status", "success"), KeyValue::new("idempotent_hit", hit)]);
+                self.metrics.persist_total.add(
+                    n,
+                    &[
+                        KeyValue::new("status", "success"),
+                        KeyValue::new("idempotent_hit", hit),
+                    ],
+                );
             }
         };
         count(inserted, "false");
         count(duplicates, "true");
-        self.metrics.processed(self.partition, "success", inserted + duplicates);
-        self.metrics.step("ack", started.elapsed().as_secs_f64() * 1000.0);
+        self.metrics
+            .processed(self.partition, "success", inserted + duplicates);
+        self.metrics
+            .step("ack", started.elapsed().as_secs_f64() * 1000.0);
     }
 
     async fn ack(&self, message: &Message) {
@@ -252,11 +296,24 @@ impl PartitionWorker {
     /// A message that cannot be stored: retried later (in case the cause was misjudged) until
     /// it has been delivered `poison_max_deliver` times, then moved to the DLQ.
     async fn poison(&self, item: &Item, reason: &str) {
-        self.metrics.persist_total.add(1, &[KeyValue::new("status", "failed"), KeyValue::new("idempotent_hit", "false")]);
+        self.metrics.persist_total.add(
+            1,
+            &[
+                KeyValue::new("status", "failed"),
+                KeyValue::new("idempotent_hit", "false"),
+            ],
+        );
         if item.deliveries as u64 >= self.poison_max_deliver {
-            self.dead_letter(&item.message, item.stream_seq, item.deliveries, reason).await;
+            self.dead_letter(&item.message, item.stream_seq, item.deliveries, reason)
+                .await;
         } else {
-            tracing::warn!(partition = self.partition, stream_seq = item.stream_seq, deliveries = item.deliveries, reason, "message refused; will retry");
+            tracing::warn!(
+                partition = self.partition,
+                stream_seq = item.stream_seq,
+                deliveries = item.deliveries,
+                reason,
+                "message refused; will retry"
+            );
             let delay = Duration::from_secs(item.deliveries.clamp(1, 30) as u64);
             let _ = item.message.ack_with(AckKind::Nak(Some(delay))).await;
             self.metrics.processed(self.partition, "retry", 1);
@@ -273,14 +330,24 @@ impl PartitionWorker {
         };
         match dlq::publish(&self.js, letter).await {
             Ok(()) => {
-                tracing::warn!(partition = self.partition, stream_seq, deliveries, reason, "moved to DLQ");
+                tracing::warn!(
+                    partition = self.partition,
+                    stream_seq,
+                    deliveries,
+                    reason,
+                    "moved to DLQ"
+                );
                 let _ = message.ack_with(AckKind::Term).await;
-                self.metrics.dlq_total.add(1, &[KeyValue::new("source", "messages")]);
+                self.metrics
+                    .dlq_total
+                    .add(1, &[KeyValue::new("source", "messages")]);
                 self.metrics.processed(self.partition, "dead_lettered", 1);
             }
             Err(error) => {
                 tracing::warn!(partition = self.partition, stream_seq, %error, "DLQ publish failed; will retry");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }

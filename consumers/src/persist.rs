@@ -162,8 +162,12 @@ impl Columns {
             sender_ids: envelopes().map(|e| e.sender_id.clone()).collect(),
             contents: envelopes().map(|e| e.content.clone()).collect(),
             content_types: envelopes().map(|e| e.content_type.clone()).collect(),
-            recipients: envelopes().map(|e| serde_json::Value::from(e.recipient_ids.clone()).to_string()).collect(),
-            metadata: envelopes().map(|e| serde_json::Value::Object(e.metadata.clone()).to_string()).collect(),
+            recipients: envelopes()
+                .map(|e| serde_json::Value::from(e.recipient_ids.clone()).to_string())
+                .collect(),
+            metadata: envelopes()
+                .map(|e| serde_json::Value::Object(e.metadata.clone()).to_string())
+                .collect(),
             priorities: envelopes().map(|e| e.priority.clone()).collect(),
             keys: envelopes().map(|e| e.idempotency_key.clone()).collect(),
             correlation_ids: envelopes().map(|e| e.correlation_id).collect(),

@@ -25,6 +25,8 @@ fn telemetry() -> &'static Telemetry {
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
             .scope_info_enabled(false)
+            .without_counter_suffixes()
+            .without_units()
             .without_target_info()
             .build()
             .expect("prometheus exporter on a fresh registry");

@@ -52,8 +52,14 @@ impl Facts {
         Facts {
             pool,
             nats,
-            conversations: Cache::builder().max_capacity(200_000).time_to_live(ttl).build(),
-            blocks: Cache::builder().max_capacity(500_000).time_to_live(ttl).build(),
+            conversations: Cache::builder()
+                .max_capacity(200_000)
+                .time_to_live(ttl)
+                .build(),
+            blocks: Cache::builder()
+                .max_capacity(500_000)
+                .time_to_live(ttl)
+                .build(),
             invalidated: hotpath_core::telemetry::meter()
                 .u64_counter("gateway_facts_invalidated_total")
                 .with_description("Cached facts dropped because they changed")
@@ -63,7 +69,10 @@ impl Facts {
 
     /// The conversation, or `None` if it does not exist (remembered too, so a flood of sends to
     /// a made-up id costs one query).
-    pub async fn conversation(&self, id: Uuid) -> Result<Option<Arc<ConversationFacts>>, Rejection> {
+    pub async fn conversation(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<Arc<ConversationFacts>>, Rejection> {
         let pool = self.pool.clone();
         self.conversations
             .try_get_with(id, async move { load_conversation(&pool, id).await })
@@ -86,7 +95,11 @@ impl Facts {
         self.apply(&invalidation).await;
         // Serialising this struct cannot fail.
         let payload = serde_json::to_vec(&invalidation).expect("invalidation serialises");
-        if let Err(error) = self.nats.publish(FACTS_INVALIDATE_SUBJECT, payload.into()).await {
+        if let Err(error) = self
+            .nats
+            .publish(FACTS_INVALIDATE_SUBJECT, payload.into())
+            .await
+        {
             tracing::warn!(%error, "could not announce a fact change; other gateways fall back to the TTL");
         }
     }
@@ -94,11 +107,13 @@ impl Facts {
     async fn apply(&self, invalidation: &Invalidation) {
         if let Some(id) = invalidation.conversation_id {
             self.conversations.invalidate(&id).await;
-            self.invalidated.add(1, &[KeyValue::new("cache_type", "conversation")]);
+            self.invalidated
+                .add(1, &[KeyValue::new("cache_type", "conversation")]);
         }
         for user in &invalidation.user_ids {
             self.blocks.invalidate(user).await;
-            self.invalidated.add(1, &[KeyValue::new("cache_type", "blocks")]);
+            self.invalidated
+                .add(1, &[KeyValue::new("cache_type", "blocks")]);
         }
     }
 
@@ -115,10 +130,16 @@ impl Facts {
 
 fn unavailable(error: &sqlx::Error) -> Rejection {
     tracing::warn!(%error, "loading facts from Postgres failed");
-    Rejection::ServiceUnavailable { reason: "conversation data is unavailable".into(), retry_after_secs: 1 }
+    Rejection::ServiceUnavailable {
+        reason: "conversation data is unavailable".into(),
+        retry_after_secs: 1,
+    }
 }
 
-async fn load_conversation(pool: &PgPool, id: Uuid) -> Result<Option<Arc<ConversationFacts>>, sqlx::Error> {
+async fn load_conversation(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<Arc<ConversationFacts>>, sqlx::Error> {
     let row: Option<(String, bool, Vec<String>)> = sqlx::query_as(
         "SELECT c.type, c.is_active,
                 COALESCE(array_agg(m.user_id) FILTER (WHERE m.is_active), '{}')
@@ -131,7 +152,12 @@ async fn load_conversation(pool: &PgPool, id: Uuid) -> Result<Option<Arc<Convers
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|(kind, is_active, members)| {
-        Arc::new(ConversationFacts { id, kind, is_active, active_members: members.into_iter().collect() })
+        Arc::new(ConversationFacts {
+            id,
+            kind,
+            is_active,
+            active_members: members.into_iter().collect(),
+        })
     }))
 }
 

@@ -5,8 +5,8 @@ use axum::body::Body;
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hotpath_core::rejection::Rejection;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
 
 use crate::state::AppState;
@@ -27,10 +27,13 @@ impl IntoResponse for ApiError {
         if let Rejection::Internal { reason } = &rejection {
             tracing::error!(%reason, "internal error");
         }
-        let status = StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(rejection.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, Json(rejection.body())).into_response();
         if let Some(seconds) = rejection.retry_after_secs() {
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -85,9 +88,14 @@ pub fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Rejectio
 pub fn db_error(error: sqlx::Error) -> Rejection {
     if hotpath_core::db::is_transient(&error) {
         tracing::warn!(%error, "database unavailable");
-        Rejection::ServiceUnavailable { reason: "the database is unavailable".into(), retry_after_secs: 1 }
+        Rejection::ServiceUnavailable {
+            reason: "the database is unavailable".into(),
+            retry_after_secs: 1,
+        }
     } else {
-        Rejection::Internal { reason: error.to_string() }
+        Rejection::Internal {
+            reason: error.to_string(),
+        }
     }
 }
 

@@ -55,10 +55,22 @@ pub async fn router(
         .route("/v1/messages", post(routes::send::send))
         .route("/v1/messages/{id}/status", get(routes::status::status))
         .route("/v1/conversations", post(routes::conversations::create))
-        .route("/v1/conversations/{id}/messages", get(routes::status::history))
-        .route("/v1/conversations/{id}/members", post(routes::conversations::add_member))
-        .route("/v1/conversations/{id}/members/{user_id}", delete(routes::conversations::remove_member))
-        .route("/v1/conversations/{id}/deactivate", post(routes::conversations::deactivate))
+        .route(
+            "/v1/conversations/{id}/messages",
+            get(routes::status::history),
+        )
+        .route(
+            "/v1/conversations/{id}/members",
+            post(routes::conversations::add_member),
+        )
+        .route(
+            "/v1/conversations/{id}/members/{user_id}",
+            delete(routes::conversations::remove_member),
+        )
+        .route(
+            "/v1/conversations/{id}/deactivate",
+            post(routes::conversations::deactivate),
+        )
         .route("/v1/blocks", post(routes::conversations::block))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
@@ -68,7 +80,11 @@ pub async fn router(
 }
 
 /// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

@@ -33,7 +33,13 @@ impl ProducerMetrics {
         }
     }
 
-    pub fn enqueued(&self, conversation_type: &str, content_type: &str, priority: &str, millis: f64) {
+    pub fn enqueued(
+        &self,
+        conversation_type: &str,
+        content_type: &str,
+        priority: &str,
+        millis: f64,
+    ) {
         self.enqueued.add(
             1,
             &[
@@ -42,7 +48,8 @@ impl ProducerMetrics {
                 KeyValue::new("priority", priority.to_string()),
             ],
         );
-        self.duration_ms.record(millis, &[KeyValue::new("status", "success")]);
+        self.duration_ms
+            .record(millis, &[KeyValue::new("status", "success")]);
     }
 
     pub fn rejected(&self, rejection: &Rejection, millis: f64) {
@@ -53,7 +60,8 @@ impl ProducerMetrics {
                 KeyValue::new("status_code", rejection.status().to_string()),
             ],
         );
-        self.duration_ms.record(millis, &[KeyValue::new("status", "rejected")]);
+        self.duration_ms
+            .record(millis, &[KeyValue::new("status", "rejected")]);
     }
 }
 

@@ -67,7 +67,10 @@ impl Producer {
             .message_id(&envelope.idempotency_key);
 
         let outcome = tokio::time::timeout(self.timeout, async {
-            let ack: PublishAckFuture = self.js.send_publish(message_subject(partition), message).await?;
+            let ack: PublishAckFuture = self
+                .js
+                .send_publish(message_subject(partition), message)
+                .await?;
             ack.await
         })
         .await;
@@ -75,13 +78,20 @@ impl Producer {
             Ok(Ok(_)) => "ok",
             _ => "error",
         };
-        self.duration_ms
-            .record(started.elapsed().as_secs_f64() * 1000.0, &[KeyValue::new("status", status)]);
+        self.duration_ms.record(
+            started.elapsed().as_secs_f64() * 1000.0,
+            &[KeyValue::new("status", status)],
+        );
 
         match outcome {
-            Ok(Ok(ack)) => Ok(Published { duplicate: ack.duplicate, stream_sequence: ack.sequence }),
+            Ok(Ok(ack)) => Ok(Published {
+                duplicate: ack.duplicate,
+                stream_sequence: ack.sequence,
+            }),
             Ok(Err(error)) => Err(classify(error)),
-            Err(_) => Err(unavailable("the message stream did not acknowledge in time")),
+            Err(_) => Err(unavailable(
+                "the message stream did not acknowledge in time",
+            )),
         }
     }
 }
@@ -91,7 +101,9 @@ fn classify(error: async_nats::jetstream::context::PublishError) -> Rejection {
     match error.kind() {
         // The body limit keeps requests far below NATS's max_payload, so this is a bug or a
         // misconfigured server: retrying the same message cannot help.
-        PublishErrorKind::MaxPayloadExceeded => Rejection::EnqueueFailed { reason: error.to_string() },
+        PublishErrorKind::MaxPayloadExceeded => Rejection::EnqueueFailed {
+            reason: error.to_string(),
+        },
         // Time-outs, no stream, broken connection, too many in flight, and the stream refusing
         // the message because it is full (discard policy "new"): all pass with time.
         _ => unavailable(&error.to_string()),
@@ -99,5 +111,8 @@ fn classify(error: async_nats::jetstream::context::PublishError) -> Rejection {
 }
 
 fn unavailable(reason: &str) -> Rejection {
-    Rejection::EnqueueUnavailable { reason: reason.into(), retry_after_secs: 1 }
+    Rejection::EnqueueUnavailable {
+        reason: reason.into(),
+        retry_after_secs: 1,
+    }
 }

@@ -18,17 +18,25 @@ impl RateLimit {
     pub fn new(per_second: u32, burst: u32) -> RateLimit {
         let limiter = NonZeroU32::new(per_second).map(|rate| {
             let burst = NonZeroU32::new(burst).unwrap_or(rate);
-            Arc::new(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
+            Arc::new(RateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(burst),
+            ))
         });
         RateLimit { limiter }
     }
 
     pub fn check(&self, user_id: &str) -> Result<(), Rejection> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
-        limiter.check_key(&user_id.to_string()).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            Rejection::RateLimitExceeded { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64 }
-        })
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter
+            .check_key(&user_id.to_string())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Rejection::RateLimitExceeded {
+                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                }
+            })
     }
 
     /// Forgets users who have been quiet long enough to be back at full burst, so the state

@@ -40,7 +40,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, verifier: TokenVerifier, pool: PgPool, nats: async_nats::Client) -> AppState {
+    pub fn new(
+        config: Config,
+        verifier: TokenVerifier,
+        pool: PgPool,
+        nats: async_nats::Client,
+    ) -> AppState {
         let facts = Facts::new(pool.clone(), nats.clone(), config.facts_ttl());
         let producer = Producer::new(nats.clone(), config.partitions, config.publish_timeout());
         let rate_limit = RateLimit::new(config.rate_per_user, config.rate_burst);

@@ -34,12 +34,19 @@ fn authorize(input: &CheckInput<'_>) -> Result<(), Rejection> {
         });
     }
 
-    let conversation_id = request.get("conversationId").and_then(Value::as_str).unwrap_or_default();
+    let conversation_id = request
+        .get("conversationId")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let Some(conversation) = input.conversation else {
-        return Err(Rejection::ConversationNotFound { conversation_id: conversation_id.into() });
+        return Err(Rejection::ConversationNotFound {
+            conversation_id: conversation_id.into(),
+        });
     };
     if !conversation.is_active {
-        return Err(Rejection::ConversationInactive { conversation_id: conversation_id.into() });
+        return Err(Rejection::ConversationInactive {
+            conversation_id: conversation_id.into(),
+        });
     }
     if !conversation.active_members.contains(input.user_id) {
         return Err(Rejection::NotConversationMember {
@@ -68,7 +75,10 @@ fn authorize(input: &CheckInput<'_>) -> Result<(), Rejection> {
 
     let blocked = |recipient: &str| input.sender_blocks.contains(recipient);
     let hit = match explicit {
-        Some(recipients) => recipients.iter().filter_map(Value::as_str).find(|r| blocked(r)),
+        Some(recipients) => recipients
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|r| blocked(r)),
         None => conversation
             .active_members
             .iter()
@@ -77,7 +87,10 @@ fn authorize(input: &CheckInput<'_>) -> Result<(), Rejection> {
             .find(|m| blocked(m)),
     };
     if let Some(other) = hit {
-        return Err(Rejection::UserBlocked { user_id: input.user_id.into(), other_user_id: other.into() });
+        return Err(Rejection::UserBlocked {
+            user_id: input.user_id.into(),
+            other_user_id: other.into(),
+        });
     }
     Ok(())
 }
@@ -97,13 +110,25 @@ mod tests {
             id: Uuid::nil(),
             kind: "group".into(),
             is_active: active,
-            active_members: members.iter().map(|m| m.to_string()).collect::<BTreeSet<_>>(),
+            active_members: members
+                .iter()
+                .map(|m| m.to_string())
+                .collect::<BTreeSet<_>>(),
         }
     }
 
-    fn code(request: Value, conv: Option<&ConversationFacts>, blocks: &[&str]) -> Option<&'static str> {
+    fn code(
+        request: Value,
+        conv: Option<&ConversationFacts>,
+        blocks: &[&str],
+    ) -> Option<&'static str> {
         let blocks: HashSet<String> = blocks.iter().map(|b| b.to_string()).collect();
-        let input = CheckInput { user_id: "alice", request: &request, conversation: conv, sender_blocks: &blocks };
+        let input = CheckInput {
+            user_id: "alice",
+            request: &request,
+            conversation: conv,
+            sender_blocks: &blocks,
+        };
         authorize(&input).err().map(|r| r.code())
     }
 
@@ -113,11 +138,30 @@ mod tests {
         let closed = conversation(false, &["alice", "bob"]);
         let others = conversation(true, &["bob", "carol"]);
         let base = json!({"conversationId": "c"});
-        assert_eq!(code(json!({"conversationId": "c", "senderId": "bob"}), Some(&open), &[]), Some("FORBIDDEN"));
-        assert_eq!(code(base.clone(), None, &[]), Some("CONVERSATION_NOT_FOUND"));
-        assert_eq!(code(base.clone(), Some(&closed), &[]), Some("CONVERSATION_INACTIVE"));
-        assert_eq!(code(base.clone(), Some(&others), &[]), Some("NOT_CONVERSATION_MEMBER"));
-        assert_eq!(code(base.clone(), Some(&open), &["bob"]), Some("USER_BLOCKED"));
+        assert_eq!(
+            code(
+                json!({"conversationId": "c", "senderId": "bob"}),
+                Some(&open),
+                &[]
+            ),
+            Some("FORBIDDEN")
+        );
+        assert_eq!(
+            code(base.clone(), None, &[]),
+            Some("CONVERSATION_NOT_FOUND")
+        );
+        assert_eq!(
+            code(base.clone(), Some(&closed), &[]),
+            Some("CONVERSATION_INACTIVE")
+        );
+        assert_eq!(
+            code(base.clone(), Some(&others), &[]),
+            Some("NOT_CONVERSATION_MEMBER")
+        );
+        assert_eq!(
+            code(base.clone(), Some(&open), &["bob"]),
+            Some("USER_BLOCKED")
+        );
         assert_eq!(code(base, Some(&open), &[]), None);
     }
 
@@ -125,9 +169,22 @@ mod tests {
     fn explicit_recipients_must_be_other_active_members() {
         let open = conversation(true, &["alice", "bob"]);
         let to = |r: &str| json!({"conversationId": "c", "recipientIds": [r]});
-        assert_eq!(code(to("carol"), Some(&open), &[]), Some("INVALID_RECIPIENT"));
-        assert_eq!(code(to("alice"), Some(&open), &[]), Some("INVALID_RECIPIENT"));
+        assert_eq!(
+            code(to("carol"), Some(&open), &[]),
+            Some("INVALID_RECIPIENT")
+        );
+        assert_eq!(
+            code(to("alice"), Some(&open), &[]),
+            Some("INVALID_RECIPIENT")
+        );
         assert_eq!(code(to("bob"), Some(&open), &[]), None);
-        assert_eq!(code(json!({"conversationId": "c", "senderId": "alice"}), Some(&open), &[]), None);
+        assert_eq!(
+            code(
+                json!({"conversationId": "c", "senderId": "alice"}),
+                Some(&open),
+                &[]
+            ),
+            None
+        );
     }
 }

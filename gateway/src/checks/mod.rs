@@ -16,7 +16,9 @@ use hotpath_core::rejection::Rejection;
 use serde_json::Value;
 
 pub use authz::Authz;
-pub use schema::{ALLOWED_CONTENT_TYPES, MAX_CLIENT_MESSAGE_ID_CHARS, MAX_CONTENT_CHARS, MAX_RECIPIENTS, Schema};
+pub use schema::{
+    ALLOWED_CONTENT_TYPES, MAX_CLIENT_MESSAGE_ID_CHARS, MAX_CONTENT_CHARS, MAX_RECIPIENTS, Schema,
+};
 
 use crate::facts::ConversationFacts;
 
@@ -56,7 +58,9 @@ pub struct Chain {
 
 impl Chain {
     pub fn new(checks: Vec<Box<dyn Check>>) -> Chain {
-        Chain { checks: Arc::new(checks) }
+        Chain {
+            checks: Arc::new(checks),
+        }
     }
 
     /// The shipped chain: schema first (no facts needed), then authorization.

@@ -34,12 +34,18 @@ fn validate(request: &Value) -> Result<(), Rejection> {
 
     let conversation_id = required_string(body, "conversationId")?;
     if conversation_id.is_empty() {
-        return Err(invalid("conversationId must not be empty", json!({"field": "conversationId"})));
+        return Err(invalid(
+            "conversationId must not be empty",
+            json!({"field": "conversationId"}),
+        ));
     }
 
     let content = required_string(body, "content")?;
     if content.is_empty() {
-        return Err(invalid("content must not be empty", json!({"field": "content"})));
+        return Err(invalid(
+            "content must not be empty",
+            json!({"field": "content"}),
+        ));
     }
     max_chars("content", content, MAX_CONTENT_CHARS)?;
     no_nul("content", content)?;
@@ -47,14 +53,20 @@ fn validate(request: &Value) -> Result<(), Rejection> {
     let content_type = required_string(body, "contentType")?;
     if !ALLOWED_CONTENT_TYPES.contains(&content_type) {
         return Err(invalid(
-            &format!("contentType must be one of {}", ALLOWED_CONTENT_TYPES.join(", ")),
+            &format!(
+                "contentType must be one of {}",
+                ALLOWED_CONTENT_TYPES.join(", ")
+            ),
             json!({"field": "contentType", "allowed": ALLOWED_CONTENT_TYPES}),
         ));
     }
 
     if let Some(client_id) = optional_string(body, "clientMessageId")? {
         if client_id.is_empty() {
-            return Err(invalid("clientMessageId must not be empty", json!({"field": "clientMessageId"})));
+            return Err(invalid(
+                "clientMessageId must not be empty",
+                json!({"field": "clientMessageId"}),
+            ));
         }
         max_chars("clientMessageId", client_id, MAX_CLIENT_MESSAGE_ID_CHARS)?;
         no_nul("clientMessageId", client_id)?;
@@ -80,7 +92,10 @@ fn validate(request: &Value) -> Result<(), Rejection> {
             return Err(type_error("metadata", "an object"));
         }
         if contains_nul(metadata) {
-            return Err(invalid("metadata must not contain NUL characters", json!({"field": "metadata"})));
+            return Err(invalid(
+                "metadata must not contain NUL characters",
+                json!({"field": "metadata"}),
+            ));
         }
     }
     Ok(())
@@ -97,7 +112,10 @@ fn validate_recipients(recipients: &Value) -> Result<(), Rejection> {
         ));
     }
     if list.is_empty() {
-        return Err(invalid("recipientIds must not be empty when given", json!({"field": "recipientIds"})));
+        return Err(invalid(
+            "recipientIds must not be empty when given",
+            json!({"field": "recipientIds"}),
+        ));
     }
     let mut seen = std::collections::HashSet::with_capacity(list.len());
     for item in list {
@@ -122,13 +140,18 @@ fn validate_recipients(recipients: &Value) -> Result<(), Rejection> {
 
 fn required_string<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, Rejection> {
     match body.get(field) {
-        None | Some(Value::Null) => Err(Rejection::MissingRequiredField { field: field.into() }),
+        None | Some(Value::Null) => Err(Rejection::MissingRequiredField {
+            field: field.into(),
+        }),
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(type_error(field, "a string")),
     }
 }
 
-fn optional_string<'a>(body: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, Rejection> {
+fn optional_string<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<&'a str>, Rejection> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -141,7 +164,11 @@ fn max_chars(field: &str, value: &str, max: usize) -> Result<(), Rejection> {
     if value.len() > max {
         let actual = value.chars().count();
         if actual > max {
-            return Err(Rejection::FieldTooLong { field: field.into(), max, actual });
+            return Err(Rejection::FieldTooLong {
+                field: field.into(),
+                max,
+                actual,
+            });
         }
     }
     Ok(())
@@ -151,7 +178,10 @@ fn max_chars(field: &str, value: &str, max: usize) -> Result<(), Rejection> {
 /// accepted and then failing forever in the consumer.
 fn no_nul(field: &str, value: &str) -> Result<(), Rejection> {
     if value.contains('\0') {
-        return Err(invalid(&format!("{field} must not contain NUL characters"), json!({"field": field})));
+        return Err(invalid(
+            &format!("{field} must not contain NUL characters"),
+            json!({"field": field}),
+        ));
     }
     Ok(())
 }
@@ -166,11 +196,17 @@ fn contains_nul(value: &Value) -> bool {
 }
 
 fn invalid(message: &str, details: Value) -> Rejection {
-    Rejection::InvalidSchema { message: message.into(), details }
+    Rejection::InvalidSchema {
+        message: message.into(),
+        details,
+    }
 }
 
 fn type_error(field: &str, expected: &str) -> Rejection {
-    Rejection::InvalidFieldType { field: field.into(), expected: expected.into() }
+    Rejection::InvalidFieldType {
+        field: field.into(),
+        expected: expected.into(),
+    }
 }
 
 #[cfg(test)]
@@ -199,27 +235,66 @@ mod tests {
     #[test]
     fn each_rule_has_its_code() {
         assert_eq!(code(json!([1])), Some("INVALID_SCHEMA"));
-        assert_eq!(code(json!({"content": "hi", "contentType": "text"})), Some("MISSING_REQUIRED_FIELD"));
+        assert_eq!(
+            code(json!({"content": "hi", "contentType": "text"})),
+            Some("MISSING_REQUIRED_FIELD")
+        );
         assert_eq!(code(with("content", json!(5))), Some("INVALID_FIELD_TYPE"));
-        assert_eq!(code(with("content", json!("x".repeat(10_001)))), Some("FIELD_TOO_LONG"));
+        assert_eq!(
+            code(with("content", json!("x".repeat(10_001)))),
+            Some("FIELD_TOO_LONG")
+        );
         assert_eq!(code(with("content", json!("é".repeat(10_000)))), None);
-        assert_eq!(code(with("clientMessageId", json!("x".repeat(256)))), Some("FIELD_TOO_LONG"));
-        assert_eq!(code(with("contentType", json!("exe"))), Some("INVALID_SCHEMA"));
-        assert_eq!(code(with("metadata", json!("x"))), Some("INVALID_FIELD_TYPE"));
-        assert_eq!(code(with("metadata", json!({"a": "\u{0}"}))), Some("INVALID_SCHEMA"));
-        assert_eq!(code(with("content", json!("a\u{0}b"))), Some("INVALID_SCHEMA"));
-        assert_eq!(code(with("priority", json!("urgent"))), Some("INVALID_SCHEMA"));
+        assert_eq!(
+            code(with("clientMessageId", json!("x".repeat(256)))),
+            Some("FIELD_TOO_LONG")
+        );
+        assert_eq!(
+            code(with("contentType", json!("exe"))),
+            Some("INVALID_SCHEMA")
+        );
+        assert_eq!(
+            code(with("metadata", json!("x"))),
+            Some("INVALID_FIELD_TYPE")
+        );
+        assert_eq!(
+            code(with("metadata", json!({"a": "\u{0}"}))),
+            Some("INVALID_SCHEMA")
+        );
+        assert_eq!(
+            code(with("content", json!("a\u{0}b"))),
+            Some("INVALID_SCHEMA")
+        );
+        assert_eq!(
+            code(with("priority", json!("urgent"))),
+            Some("INVALID_SCHEMA")
+        );
         assert_eq!(code(with("senderId", json!(1))), Some("INVALID_FIELD_TYPE"));
     }
 
     #[test]
     fn recipients_are_bounded_typed_and_unique() {
         let many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
-        assert_eq!(code(with("recipientIds", json!(many))), Some("INVALID_SCHEMA"));
-        assert_eq!(code(with("recipientIds", json!("bob"))), Some("INVALID_FIELD_TYPE"));
-        assert_eq!(code(with("recipientIds", json!([1]))), Some("INVALID_FIELD_TYPE"));
-        assert_eq!(code(with("recipientIds", json!(["not valid"]))), Some("INVALID_RECIPIENT"));
-        assert_eq!(code(with("recipientIds", json!(["bob", "bob"]))), Some("INVALID_RECIPIENT"));
+        assert_eq!(
+            code(with("recipientIds", json!(many))),
+            Some("INVALID_SCHEMA")
+        );
+        assert_eq!(
+            code(with("recipientIds", json!("bob"))),
+            Some("INVALID_FIELD_TYPE")
+        );
+        assert_eq!(
+            code(with("recipientIds", json!([1]))),
+            Some("INVALID_FIELD_TYPE")
+        );
+        assert_eq!(
+            code(with("recipientIds", json!(["not valid"]))),
+            Some("INVALID_RECIPIENT")
+        );
+        assert_eq!(
+            code(with("recipientIds", json!(["bob", "bob"]))),
+            Some("INVALID_RECIPIENT")
+        );
         assert_eq!(code(with("recipientIds", json!(["bob"]))), None);
     }
 }

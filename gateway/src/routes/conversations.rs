@@ -49,7 +49,8 @@ pub async fn create(
     body: Body,
 ) -> Result<(StatusCode, Json<ConversationView>), ApiError> {
     let user_id = authenticate(&state, &headers)?;
-    let request: CreateConversation = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
+    let request: CreateConversation =
+        typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
 
     let mut members: BTreeSet<String> = BTreeSet::new();
     members.insert(user_id.clone());
@@ -61,34 +62,51 @@ pub async fn create(
     }
     match request.kind.as_str() {
         "direct" if members.len() != 2 => {
-            return Err(invalid("a direct conversation has exactly two distinct members", "members").into());
+            return Err(invalid(
+                "a direct conversation has exactly two distinct members",
+                "members",
+            )
+            .into());
         }
         "direct" | "group" => {}
         _ => return Err(invalid("type must be direct or group", "type").into()),
     }
     if members.len() > MAX_RECIPIENTS + 1 {
-        return Err(invalid(&format!("at most {} members", MAX_RECIPIENTS + 1), "members").into());
+        return Err(invalid(
+            &format!("at most {} members", MAX_RECIPIENTS + 1),
+            "members",
+        )
+        .into());
     }
 
     let id = Uuid::new_v4();
     let member_list: Vec<String> = members.into_iter().collect();
     let mut tx = state.pool.begin().await.map_err(db_error)?;
-    let (created_at,): (DateTime<Utc>,) =
-        sqlx::query_as("INSERT INTO conversations (id, type, created_by) VALUES ($1, $2, $3) RETURNING created_at")
-            .bind(id)
-            .bind(&request.kind)
-            .bind(&user_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-    sqlx::query("INSERT INTO conversation_members (conversation_id, user_id) SELECT $1, unnest($2::text[])")
-        .bind(id)
-        .bind(&member_list)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    let (created_at,): (DateTime<Utc>,) = sqlx::query_as(
+        "INSERT INTO conversations (id, type, created_by) VALUES ($1, $2, $3) RETURNING created_at",
+    )
+    .bind(id)
+    .bind(&request.kind)
+    .bind(&user_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    sqlx::query(
+        "INSERT INTO conversation_members (conversation_id, user_id) SELECT $1, unnest($2::text[])",
+    )
+    .bind(id)
+    .bind(&member_list)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
-    state.facts.announce(Invalidation { conversation_id: Some(id), user_ids: vec![] }).await;
+    state
+        .facts
+        .announce(Invalidation {
+            conversation_id: Some(id),
+            user_ids: vec![],
+        })
+        .await;
 
     let view = ConversationView {
         conversation_id: id,
@@ -189,26 +207,47 @@ pub async fn block(
     if !is_valid_user_id(&request.user_id) || request.user_id == user_id {
         return Err(invalid("userId must be another valid user id", "userId").into());
     }
-    sqlx::query("INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .bind(&user_id)
-        .bind(&request.user_id)
-        .execute(&state.pool)
-        .await
-        .map_err(db_error)?;
+    sqlx::query(
+        "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(&user_id)
+    .bind(&request.user_id)
+    .execute(&state.pool)
+    .await
+    .map_err(db_error)?;
     state
         .facts
-        .announce(Invalidation { conversation_id: None, user_ids: vec![user_id.clone(), request.user_id.clone()] })
+        .announce(Invalidation {
+            conversation_id: None,
+            user_ids: vec![user_id.clone(), request.user_id.clone()],
+        })
         .await;
-    Ok((StatusCode::CREATED, Json(json!({"blockerId": user_id, "blockedId": request.user_id}))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"blockerId": user_id, "blockedId": request.user_id})),
+    ))
 }
 
 /// The conversation `id`, if it exists and `user_id` is an active member of it.
-pub async fn member_of(state: &AppState, id: &str, user_id: &str) -> Result<Arc<ConversationFacts>, Rejection> {
-    let not_found = || Rejection::ConversationNotFound { conversation_id: id.to_string() };
+pub async fn member_of(
+    state: &AppState,
+    id: &str,
+    user_id: &str,
+) -> Result<Arc<ConversationFacts>, Rejection> {
+    let not_found = || Rejection::ConversationNotFound {
+        conversation_id: id.to_string(),
+    };
     let uuid = Uuid::parse_str(id).map_err(|_| not_found())?;
-    let conversation = state.facts.conversation(uuid).await?.ok_or_else(not_found)?;
+    let conversation = state
+        .facts
+        .conversation(uuid)
+        .await?
+        .ok_or_else(not_found)?;
     if !conversation.active_members.contains(user_id) {
-        return Err(Rejection::NotConversationMember { user_id: user_id.into(), conversation_id: id.into() });
+        return Err(Rejection::NotConversationMember {
+            user_id: user_id.into(),
+            conversation_id: id.into(),
+        });
     }
     Ok(conversation)
 }
@@ -217,18 +256,29 @@ fn active(conversation: &ConversationFacts) -> Result<(), Rejection> {
     if conversation.is_active {
         Ok(())
     } else {
-        Err(Rejection::ConversationInactive { conversation_id: conversation.id.to_string() })
+        Err(Rejection::ConversationInactive {
+            conversation_id: conversation.id.to_string(),
+        })
     }
 }
 
 /// Announces the change and answers with the conversation as it is now.
-async fn changed(state: &AppState, before: &ConversationFacts) -> Result<Json<ConversationView>, ApiError> {
-    state.facts.announce(Invalidation { conversation_id: Some(before.id), user_ids: vec![] }).await;
-    let now = state
+async fn changed(
+    state: &AppState,
+    before: &ConversationFacts,
+) -> Result<Json<ConversationView>, ApiError> {
+    state
         .facts
-        .conversation(before.id)
-        .await?
-        .ok_or_else(|| Rejection::ConversationNotFound { conversation_id: before.id.to_string() })?;
+        .announce(Invalidation {
+            conversation_id: Some(before.id),
+            user_ids: vec![],
+        })
+        .await;
+    let now = state.facts.conversation(before.id).await?.ok_or_else(|| {
+        Rejection::ConversationNotFound {
+            conversation_id: before.id.to_string(),
+        }
+    })?;
     Ok(Json(ConversationView {
         conversation_id: now.id,
         kind: now.kind.clone(),
@@ -239,5 +289,8 @@ async fn changed(state: &AppState, before: &ConversationFacts) -> Result<Json<Co
 }
 
 fn invalid(message: &str, field: &str) -> Rejection {
-    Rejection::InvalidSchema { message: message.into(), details: json!({"field": field}) }
+    Rejection::InvalidSchema {
+        message: message.into(),
+        details: json!({"field": field}),
+    }
 }

@@ -18,14 +18,27 @@ pub async fn healthz() -> impl IntoResponse {
 /// Ready when NATS is connected and Postgres answers within a second.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let postgres = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&state.pool))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let postgres = tokio::time::timeout(
+        Duration::from_secs(1),
+        sqlx::query("SELECT 1").execute(&state.pool),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let status = if nats && postgres { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"nats": word(nats), "postgres": word(postgres)})))
+    let status = if nats && postgres {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"nats": word(nats), "postgres": word(postgres)})),
+    )
 }
 
 pub async fn metrics() -> impl IntoResponse {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], hotpath_core::telemetry::render())
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        hotpath_core::telemetry::render(),
+    )
 }

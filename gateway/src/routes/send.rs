@@ -71,7 +71,11 @@ pub async fn send(State(state): State<AppState>, headers: HeaderMap, body: Body)
 }
 
 /// Turns one request into an accepted message or a rejection.
-async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<SendAccepted, Rejection> {
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<SendAccepted, Rejection> {
     let started = Instant::now();
 
     // 1. Who is sending: the token's subject, never a body field.
@@ -83,7 +87,10 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Sen
 
     // 3. Facts for the checks, from memory on a warm path. A conversation id that is not a
     //    UUID cannot exist, so it costs no lookup.
-    let conversation_id = request.get("conversationId").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok());
+    let conversation_id = request
+        .get("conversationId")
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok());
     let conversation = match conversation_id {
         Some(id) => state.facts.conversation(id).await?,
         None => None,
@@ -101,7 +108,9 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Sen
     let request: SendRequest = typed(normalized.unwrap_or(request))?;
     // The chain rejects sends to unknown conversations, so both are present here.
     let (Some(conversation_id), Some(conversation)) = (conversation_id, conversation) else {
-        return Err(Rejection::ConversationNotFound { conversation_id: request.conversation_id });
+        return Err(Rejection::ConversationNotFound {
+            conversation_id: request.conversation_id,
+        });
     };
 
     // 5. Identity: the idempotency key and the message id derived from it.
@@ -116,7 +125,12 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Sen
     let message_id = message_id(&key);
     let correlation_id = correlation_id(headers);
     let recipient_ids = request.recipient_ids.unwrap_or_else(|| {
-        conversation.active_members.iter().filter(|m| **m != user_id).cloned().collect()
+        conversation
+            .active_members
+            .iter()
+            .filter(|m| **m != user_id)
+            .cloned()
+            .collect()
     });
     let priority = request.priority.unwrap_or_else(|| "normal".to_string());
     let envelope = Envelope {
@@ -140,7 +154,11 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Sen
         .recently_accepted
         .insert(
             message_id,
-            Accepted { sender_id: envelope.sender_id.clone(), conversation_id, accepted_at },
+            Accepted {
+                sender_id: envelope.sender_id.clone(),
+                conversation_id,
+                accepted_at,
+            },
         )
         .await;
     state.metrics.enqueued(

@@ -37,7 +37,9 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Result<Json<MessageStatus>, ApiError> {
     let user_id = authenticate(&state, &headers)?;
-    let not_found = || Rejection::MessageNotFound { message_id: id.clone() };
+    let not_found = || Rejection::MessageNotFound {
+        message_id: id.clone(),
+    };
     let message_id = Uuid::parse_str(&id).map_err(|_| not_found())?;
 
     let row: Option<(Uuid, String, i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
@@ -59,7 +61,11 @@ pub async fn status(
             persisted_at: Some(persisted_at),
         },
         None => {
-            let accepted = state.recently_accepted.get(&message_id).await.ok_or_else(not_found)?;
+            let accepted = state
+                .recently_accepted
+                .get(&message_id)
+                .await
+                .ok_or_else(not_found)?;
             MessageStatus {
                 message_id,
                 conversation_id: accepted.conversation_id,
@@ -78,7 +84,11 @@ pub async fn status(
     Ok(Json(status))
 }
 
-async fn is_member(state: &AppState, conversation_id: Uuid, user_id: &str) -> Result<bool, Rejection> {
+async fn is_member(
+    state: &AppState,
+    conversation_id: Uuid,
+    user_id: &str,
+) -> Result<bool, Rejection> {
     let conversation = state.facts.conversation(conversation_id).await?;
     Ok(conversation.is_some_and(|c| c.active_members.contains(user_id)))
 }
@@ -123,7 +133,9 @@ pub async fn history(
     Query(query): Query<HistoryQuery>,
 ) -> Result<Json<HistoryPage>, ApiError> {
     let user_id = authenticate(&state, &headers)?;
-    let conversation_id = crate::routes::conversations::member_of(&state, &id, &user_id).await?.id;
+    let conversation_id = crate::routes::conversations::member_of(&state, &id, &user_id)
+        .await?
+        .id;
     let after_seq = query.after_seq.unwrap_or(0).max(0);
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
 
@@ -142,5 +154,9 @@ pub async fn history(
     .await
     .map_err(db_error)?;
     let next_after_seq = messages.last().map_or(after_seq, |m| m.seq);
-    Ok(Json(HistoryPage { conversation_id, messages, next_after_seq }))
+    Ok(Json(HistoryPage {
+        conversation_id,
+        messages,
+        next_after_seq,
+    }))
 }

@@ -1,0 +1,649 @@
+//! The HTTP API against real NATS and Postgres: the happy path, idempotency, every error class.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{System, text};
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_message_is_persisted_with_every_field_right() {
+    let system = System::start().await;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+
+    let mut body = text(conversation, "hello, hot path");
+    body["clientMessageId"] = json!("m-1");
+    body["metadata"] = json!({"replyTo": "x", "n": 1});
+    body["priority"] = json!("high");
+    body["recipientIds"] = json!(["bob"]);
+    let (status, ack) = system.send("alice", body).await;
+
+    assert_eq!(status, 202, "{ack}");
+    assert_eq!(ack["state"], "pending");
+    assert_eq!(ack["idempotentHit"], false);
+    let message_id = ack["messageId"].as_str().unwrap().to_string();
+    assert_eq!(
+        ack["guidance"]["pollingEndpoint"],
+        format!("/v1/messages/{message_id}/status")
+    );
+    assert_eq!(ack["guidance"]["websocketEvent"], "message.state.changed");
+    assert!(
+        ack["idempotencyKey"]
+            .as_str()
+            .unwrap()
+            .starts_with("client_")
+    );
+
+    assert_eq!(
+        system.wait_for_messages(1, Duration::from_secs(10)).await,
+        1
+    );
+    let row: (Uuid, Uuid, i64, String, String, String, Vec<String>, Value, String, String, Uuid) = sqlx::query_as(
+        "SELECT id, conversation_id, seq, sender_id, content, content_type, recipient_ids, metadata, priority,
+                idempotency_key, correlation_id FROM messages",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.0.to_string(), message_id);
+    assert_eq!(row.1, conversation);
+    assert_eq!(row.2, 1);
+    assert_eq!(row.3, "alice");
+    assert_eq!(row.4, "hello, hot path");
+    assert_eq!(row.5, "text");
+    assert_eq!(row.6, vec!["bob".to_string()]);
+    assert_eq!(row.7, json!({"replyTo": "x", "n": 1}));
+    assert_eq!(row.8, "high");
+    assert_eq!(row.9, ack["idempotencyKey"].as_str().unwrap());
+    assert_eq!(row.10.to_string(), ack["correlationId"].as_str().unwrap());
+
+    let status: Value = system
+        .get("alice", &format!("/v1/messages/{message_id}/status"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "sent");
+    assert_eq!(status["seq"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_recipients_every_other_active_member_is_a_recipient() {
+    let system = System::start().await;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let (status, _) = system.send("alice", text(conversation, "to all")).await;
+    assert_eq!(status, 202);
+    system.wait_for_messages(1, Duration::from_secs(10)).await;
+    let (recipients,): (Vec<String>,) = sqlx::query_as("SELECT recipient_ids FROM messages")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(recipients, vec!["bob".to_string(), "carol".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_client_message_id_answers_the_same_message_and_stores_one_row() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    let mut body = text(conversation, "once");
+    body["clientMessageId"] = json!("retry-me");
+
+    let (first_status, first) = system.send("alice", body.clone()).await;
+    let (second_status, second) = system.send("alice", body).await;
+
+    assert_eq!((first_status, second_status), (202, 202));
+    assert_eq!(first["messageId"], second["messageId"]);
+    assert_eq!(first["idempotentHit"], false);
+    assert_eq!(second["idempotentHit"], true);
+    system.wait_for_messages(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(system.message_count().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_client_message_id_from_two_senders_is_two_messages() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut body = text(conversation, "same id");
+    body["clientMessageId"] = json!("shared-id");
+    let (_, from_alice) = system.send("alice", body.clone()).await;
+    let (_, from_bob) = system.send("bob", body).await;
+    assert_ne!(from_alice["messageId"], from_bob["messageId"]);
+    assert_eq!(
+        system.wait_for_messages(2, Duration::from_secs(10)).await,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_identical_sends_store_one_row() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut body = text(conversation, "thundering herd");
+    body["clientMessageId"] = json!("herd-1");
+
+    let sends = (0..100).map(|_| system.send("alice", body.clone()));
+    let answers = futures::future::join_all(sends).await;
+
+    let ids: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|(status, ack)| {
+            assert_eq!(*status, 202, "{ack}");
+            ack["messageId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let first_sends = answers
+        .iter()
+        .filter(|(_, ack)| ack["idempotentHit"] == false)
+        .count();
+    assert_eq!(first_sends, 1, "exactly one send is the original");
+    system.wait_for_messages(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(system.message_count().await, 1);
+}
+
+/// Sends `body` as `user` and returns (status, code).
+async fn code_of(system: &System, user: &str, body: Value) -> (u16, String) {
+    let (status, answer) = system.send(user, body).await;
+    (
+        status,
+        answer["error"]["code"]
+            .as_str()
+            .unwrap_or("<none>")
+            .to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejection_has_its_status_and_code() {
+    let system = System::start().await;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "mallory"])
+        .await;
+    let closed = system.conversation("alice", "group", &["bob"]).await;
+    let response = system
+        .post(
+            "alice",
+            &format!("/v1/conversations/{closed}/deactivate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let response = system
+        .post("bob", "/v1/blocks", json!({"userId": "mallory"}))
+        .await;
+    assert_eq!(response.status(), 201);
+
+    let with = |field: &str, value: Value| {
+        let mut body = text(conversation, "hi");
+        body[field] = value;
+        body
+    };
+    let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
+        (
+            "not an object",
+            "alice",
+            json!(["x"]),
+            400,
+            "INVALID_SCHEMA",
+        ),
+        (
+            "missing content",
+            "alice",
+            json!({"conversationId": conversation.to_string(), "contentType": "text"}),
+            400,
+            "MISSING_REQUIRED_FIELD",
+        ),
+        (
+            "content not a string",
+            "alice",
+            with("content", json!(42)),
+            400,
+            "INVALID_FIELD_TYPE",
+        ),
+        (
+            "content too long",
+            "alice",
+            with("content", json!("x".repeat(10_001))),
+            400,
+            "FIELD_TOO_LONG",
+        ),
+        (
+            "client id too long",
+            "alice",
+            with("clientMessageId", json!("x".repeat(256))),
+            400,
+            "FIELD_TOO_LONG",
+        ),
+        (
+            "unknown content type",
+            "alice",
+            with("contentType", json!("binary")),
+            400,
+            "INVALID_SCHEMA",
+        ),
+        (
+            "too many recipients",
+            "alice",
+            with(
+                "recipientIds",
+                json!((0..1001).map(|i| format!("u{i}")).collect::<Vec<_>>()),
+            ),
+            400,
+            "INVALID_SCHEMA",
+        ),
+        (
+            "metadata not an object",
+            "alice",
+            with("metadata", json!([1])),
+            400,
+            "INVALID_FIELD_TYPE",
+        ),
+        (
+            "recipient not a member",
+            "alice",
+            with("recipientIds", json!(["zed"])),
+            400,
+            "INVALID_RECIPIENT",
+        ),
+        (
+            "forged sender",
+            "alice",
+            with("senderId", json!("bob")),
+            403,
+            "FORBIDDEN",
+        ),
+        (
+            "not a member",
+            "zed",
+            text(conversation, "hi"),
+            403,
+            "NOT_CONVERSATION_MEMBER",
+        ),
+        (
+            "unknown conversation",
+            "alice",
+            text(Uuid::new_v4(), "hi"),
+            404,
+            "CONVERSATION_NOT_FOUND",
+        ),
+        (
+            "inactive conversation",
+            "alice",
+            text(closed, "hi"),
+            409,
+            "CONVERSATION_INACTIVE",
+        ),
+        (
+            "blocked recipient",
+            "mallory",
+            with("recipientIds", json!(["bob"])),
+            409,
+            "USER_BLOCKED",
+        ),
+    ];
+    for (name, user, body, status, code) in cases {
+        assert_eq!(
+            code_of(&system, user, body).await,
+            (status, code.to_string()),
+            "case: {name}"
+        );
+    }
+
+    // The blocked user's message to everyone is refused too, and so is the blocker's.
+    assert_eq!(
+        code_of(&system, "mallory", text(conversation, "hi"))
+            .await
+            .1,
+        "USER_BLOCKED"
+    );
+    assert_eq!(
+        code_of(&system, "bob", with("recipientIds", json!(["mallory"])))
+            .await
+            .1,
+        "USER_BLOCKED"
+    );
+
+    // A well-formed send still works, and nothing rejected was stored.
+    assert_eq!(
+        code_of(&system, "alice", with("recipientIds", json!(["bob"])))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        system.wait_for_messages(1, Duration::from_secs(10)).await,
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(system.message_count().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_failures_are_401_in_the_error_shape() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let url = system.url("/v1/messages");
+    let missing = system
+        .http
+        .post(&url)
+        .json(&text(conversation, "hi"))
+        .send()
+        .await
+        .unwrap();
+    let forged = system
+        .http
+        .post(&url)
+        .bearer_auth(hotpath_core::auth::mint_hs256_token(b"wrong secret", "alice", 60).unwrap())
+        .json(&text(conversation, "hi"))
+        .send()
+        .await
+        .unwrap();
+    for response in [missing, forged] {
+        assert_eq!(response.status(), 401);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+        assert!(body["error"]["message"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_413_without_being_buffered() {
+    let system = System::start().await;
+    let limit = system.config.max_body_bytes;
+
+    // Declared too large: refused before the body is read.
+    let declared = system
+        .http
+        .post(system.url("/v1/messages"))
+        .bearer_auth(system.token("alice"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; limit + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(declared.status(), 413);
+    let body: Value = declared.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "PAYLOAD_TOO_LARGE");
+
+    // Streamed with no length: cut off once it passes the limit, long before it ends.
+    let produced = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = produced.clone();
+    let chunks = futures::stream::iter(0..1024).map(move |_| {
+        counter.fetch_add(64 * 1024, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(bytes_of(64 * 1024))
+    });
+    let streamed = system
+        .http
+        .post(system.url("/v1/messages"))
+        .bearer_auth(system.token("alice"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await;
+    match streamed {
+        Ok(response) => assert_eq!(response.status(), 413),
+        // The server may close the connection while the client is still writing: also a refusal.
+        Err(error) => assert!(error.is_request() || error.is_body(), "{error}"),
+    }
+    let sent = produced.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent < 1024 * 64 * 1024,
+        "the whole 64 MiB body was consumed ({sent} bytes)"
+    );
+}
+
+fn bytes_of(n: usize) -> Vec<u8> {
+    vec![b' '; n]
+}
+
+use futures::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
+    let system = System::start_with(|config| {
+        config.rate_per_user = 1;
+        config.rate_burst = 3;
+    })
+    .await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..5 {
+        let response = system
+            .post(
+                "alice",
+                "/v1/messages",
+                text(conversation, &format!("m{i}")),
+            )
+            .await;
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "RATE_LIMIT_EXCEEDED");
+        }
+    }
+    assert_eq!(statuses, vec![202, 202, 202, 429, 429]);
+    assert!(retry_after.unwrap().parse::<u64>().unwrap() >= 1);
+    // Another user is not affected.
+    assert_eq!(
+        system.send("bob", text(conversation, "me too")).await.0,
+        202
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_nats_cannot_carry_is_500_enqueue_failed() {
+    // A body limit above NATS's 1 MiB max_payload lets a huge metadata object through the
+    // gateway's own checks; the publish then fails for good, which is the one 500.
+    let system = System::start_with(|config| config.max_body_bytes = 4 * 1024 * 1024).await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut body = text(conversation, "big");
+    body["metadata"] = json!({"blob": "x".repeat(2 * 1024 * 1024)});
+    let (status, answer) = system.send("alice", body).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (500, Some("ENQUEUE_FAILED"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_pending_then_sent_and_hidden_from_outsiders() {
+    let mut system = System::start().await;
+    system.stop_consumers().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let (_, ack) = system
+        .send("alice", text(conversation, "wait for it"))
+        .await;
+    let path = format!("/v1/messages/{}/status", ack["messageId"].as_str().unwrap());
+
+    let pending: Value = system.get("alice", &path).await.json().await.unwrap();
+    assert_eq!(pending["state"], "pending");
+    assert_eq!(
+        system.get("bob", &path).await.status(),
+        200,
+        "members may read it"
+    );
+    let outsider = system.get("eve", &path).await;
+    assert_eq!(outsider.status(), 404);
+    assert_eq!(
+        system
+            .get("alice", "/v1/messages/not-a-uuid/status")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        system
+            .get("alice", &format!("/v1/messages/{}/status", Uuid::new_v4()))
+            .await
+            .status(),
+        404
+    );
+
+    system.start_consumers().await;
+    system.wait_for_messages(1, Duration::from_secs(10)).await;
+    let sent: Value = system.get("bob", &path).await.json().await.unwrap();
+    assert_eq!(sent["state"], "sent");
+    assert_eq!(sent["seq"], 1);
+    assert!(sent["persistedAt"].is_string());
+    assert_eq!(system.get("eve", &path).await.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_by_seq_for_members_only() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    for i in 1..=5 {
+        let mut body = text(conversation, &format!("message {i}"));
+        body["clientMessageId"] = json!(format!("h-{i}"));
+        assert_eq!(system.send("alice", body).await.0, 202);
+    }
+    system.wait_for_messages(5, Duration::from_secs(10)).await;
+
+    let page: Value = system
+        .get(
+            "bob",
+            &format!("/v1/conversations/{conversation}/messages?after_seq=2&limit=2"),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![3, 4]);
+    assert_eq!(page["messages"][0]["content"], "message 3");
+    assert_eq!(page["nextAfterSeq"], 4);
+
+    let outsider = system
+        .get("eve", &format!("/v1/conversations/{conversation}/messages"))
+        .await;
+    assert_eq!(outsider.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_take_effect_on_the_next_send() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    assert_eq!(
+        system
+            .send("bob", text(conversation, "warm the cache"))
+            .await
+            .0,
+        202
+    );
+
+    let response = system
+        .http
+        .delete(system.url(&format!("/v1/conversations/{conversation}/members/bob")))
+        .bearer_auth(system.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        code_of(&system, "bob", text(conversation, "still here?"))
+            .await
+            .1,
+        "NOT_CONVERSATION_MEMBER"
+    );
+
+    let response = system
+        .post(
+            "alice",
+            &format!("/v1/conversations/{conversation}/members"),
+            json!({"userId": "carol"}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        system.send("carol", text(conversation, "hi all")).await.0,
+        202
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_are_served() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    assert_eq!(
+        system.send("alice", text(conversation, "count me")).await.0,
+        202
+    );
+    assert_eq!(
+        code_of(&system, "alice", text(Uuid::new_v4(), "nope"))
+            .await
+            .0,
+        404
+    );
+    system.wait_for_messages(1, Duration::from_secs(10)).await;
+
+    assert_eq!(
+        system
+            .http
+            .get(system.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready: Value = system
+        .http
+        .get(system.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready, json!({"nats": "ok", "postgres": "ok"}));
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = system
+        .http
+        .get(system.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "producer_enqueued_total{",
+        "producer_reject_total{reason=\"conversation_not_found\",status_code=\"404\"}",
+        "producer_enqueue_duration_ms_bucket",
+        "delivery_persist_total{",
+        "delivery_persist_duration_ms_bucket",
+        "delivery_pipeline_processed_total{",
+        "delivery_pipeline_duration_ms_bucket",
+        "delivery_pipeline_step_duration_ms_bucket",
+    ] {
+        assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
+    }
+    let unknown = system
+        .http
+        .get(system.url("/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "NOT_FOUND");
+}

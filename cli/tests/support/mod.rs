@@ -1,0 +1,295 @@
+//! The test harness: a real nats-server and a real Postgres per test, on free loopback ports
+//! in a temporary directory, and Hotpath's roles started in-process exactly as `hotpath up`
+//! starts them. Nothing is mocked.
+
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hotpath_core::auth;
+use hotpath_core::config::Config;
+use hotpath_localstack::{NatsServer, Postgres, free_port};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const SECRET: &str = "test-secret";
+
+/// Postgres settings that trade durability for speed: tests kill servers on purpose, but never
+/// the machine.
+const FAST_POSTGRES: &[&str] = &[
+    "-c",
+    "fsync=off",
+    "-c",
+    "synchronous_commit=off",
+    "-c",
+    "full_page_writes=off",
+];
+
+pub struct Servers {
+    pub dir: TempDir,
+    pub nats: NatsServer,
+    pub postgres: Postgres,
+}
+
+impl Servers {
+    pub async fn start() -> Servers {
+        let dir = tempfile::Builder::new()
+            .prefix("hotpath-test-")
+            .tempdir()
+            .expect("temp dir");
+        let nats = NatsServer::start(&dir.path().join("nats"), free_port().expect("port"))
+            .await
+            .expect("nats-server starts");
+        let postgres = Postgres::start(
+            &dir.path().join("postgres"),
+            free_port().expect("port"),
+            "hotpath",
+            FAST_POSTGRES,
+        )
+        .await
+        .expect("postgres starts");
+        Servers {
+            dir,
+            nats,
+            postgres,
+        }
+    }
+}
+
+/// A running Hotpath (gateway + consumers) on its own servers.
+pub struct System {
+    pub servers: Servers,
+    pub config: Config,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub pool: PgPool,
+    gateway_shutdown: CancellationToken,
+    gateway: Option<JoinHandle<anyhow::Result<()>>>,
+    consumers_shutdown: CancellationToken,
+    consumers: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The configuration tests run with: defaults, loopback, the test secret, no rate limit, a
+/// short ack wait so redeliveries after a killed consumer happen within a test's patience.
+pub fn test_config(servers: &Servers) -> Config {
+    let mut config = Config::from_env().expect("default config");
+    config.nats_url = servers.nats.url();
+    config.database_url = servers.postgres.url();
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.jwt_secret = Some(SECRET.to_string());
+    config.jwt_secret_file = None;
+    config.jwt_public_key_file = None;
+    config.rate_per_user = 0;
+    config.ack_wait_secs = 3;
+    config.partitions = 4;
+    config.batch_size = 64;
+    config.db_max_connections = 10;
+    config
+}
+
+impl System {
+    pub async fn start() -> System {
+        System::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> System {
+        hotpath_core::telemetry::init_tracing();
+        let servers = Servers::start().await;
+        let mut config = test_config(&servers);
+        tweak(&mut config);
+        hotpath::roles::prepare(&config)
+            .await
+            .expect("streams and schema");
+        let pool = hotpath_core::db::connect(&config.database_url, 5)
+            .await
+            .expect("test pool");
+        let mut system = System {
+            servers,
+            base: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            pool,
+            gateway_shutdown: CancellationToken::new(),
+            gateway: None,
+            consumers_shutdown: CancellationToken::new(),
+            consumers: None,
+            config,
+        };
+        system.start_gateway().await;
+        system.start_consumers().await;
+        system
+    }
+
+    pub async fn start_gateway(&mut self) {
+        self.gateway_shutdown = CancellationToken::new();
+        let (addr, task): (SocketAddr, _) =
+            hotpath::roles::spawn_gateway(self.config.clone(), self.gateway_shutdown.clone())
+                .await
+                .expect("gateway starts");
+        self.base = format!("http://{addr}");
+        self.gateway = Some(task);
+    }
+
+    pub async fn start_consumers(&mut self) {
+        self.consumers_shutdown = CancellationToken::new();
+        let task =
+            hotpath::roles::spawn_consumers(self.config.clone(), self.consumers_shutdown.clone())
+                .await
+                .expect("consumers start");
+        self.consumers = Some(task);
+    }
+
+    /// Stops the consumers the way a deployment does: they settle or hand back their batch.
+    pub async fn stop_consumers(&mut self) {
+        self.consumers_shutdown.cancel();
+        if let Some(task) = self.consumers.take() {
+            task.await
+                .expect("consumers task")
+                .expect("consumers stop cleanly");
+        }
+    }
+
+    /// Kills the consumers' task on the spot, mid-batch or wherever it is: nothing is settled.
+    pub async fn kill_consumers(&mut self) {
+        if let Some(task) = self.consumers.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.consumers_shutdown.cancel();
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        auth::mint_hs256_token(SECRET.as_bytes(), user, 3600).expect("token")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post(&self, user: &str, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(self.token(user))
+            .json(&body)
+            .send()
+            .await
+            .expect("request completes")
+    }
+
+    pub async fn get(&self, user: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .expect("request completes")
+    }
+
+    /// Creates a conversation through the API and returns its id.
+    pub async fn conversation(&self, creator: &str, kind: &str, members: &[&str]) -> Uuid {
+        let response = self
+            .post(
+                creator,
+                "/v1/conversations",
+                json!({"type": kind, "members": members}),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "conversation created");
+        let body: Value = response.json().await.expect("json");
+        body["conversationId"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .expect("conversation id")
+    }
+
+    /// Sends a text message and returns (status, body).
+    pub async fn send(&self, user: &str, body: Value) -> (u16, Value) {
+        let response = self.post(user, "/v1/messages", body).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn message_count(&self) -> i64 {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM messages")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count");
+        count
+    }
+
+    /// Waits until Postgres holds `expected` messages (or `within` passes) and returns the count.
+    pub async fn wait_for_messages(&self, expected: i64, within: Duration) -> i64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let count = sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM messages")
+                .fetch_one(&self.pool)
+                .await
+                .map(|(c,)| c)
+                .unwrap_or(-1);
+            if count >= expected || Instant::now() > deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A minimal valid message body for `conversation`.
+pub fn text(conversation: Uuid, content: &str) -> Value {
+    json!({"conversationId": conversation.to_string(), "content": content, "contentType": "text"})
+}
+
+/// Asserts that, per conversation, seq runs 1..=n without gaps and follows stream order
+/// (acceptance order), and that no idempotency key appears twice. Returns the row count.
+pub async fn assert_gap_free_in_acceptance_order(pool: &PgPool) -> usize {
+    let rows: Vec<(Uuid, i64, i32, i64)> = sqlx::query_as(
+        "SELECT conversation_id, seq, stream_partition, stream_seq FROM messages ORDER BY conversation_id, seq",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("rows");
+    let mut previous: Option<(Uuid, i64, i64)> = None;
+    for &(conversation, seq, _partition, stream_seq) in &rows {
+        match previous {
+            Some((prev_conv, prev_seq, prev_stream)) if prev_conv == conversation => {
+                assert_eq!(seq, prev_seq + 1, "seq gap in conversation {conversation}");
+                assert!(
+                    stream_seq > prev_stream,
+                    "seq order differs from acceptance order in {conversation}"
+                );
+            }
+            _ => assert_eq!(seq, 1, "conversation {conversation} starts at seq 1"),
+        }
+        previous = Some((conversation, seq, stream_seq));
+    }
+    let (distinct,): (i64,) =
+        sqlx::query_as("SELECT count(DISTINCT idempotency_key) FROM messages")
+            .fetch_one(pool)
+            .await
+            .expect("distinct");
+    assert_eq!(
+        distinct as usize,
+        rows.len(),
+        "an idempotency key was stored twice"
+    );
+    let (last_seq_ok,): (bool,) = sqlx::query_as(
+        "SELECT coalesce(bool_and(c.last_seq = m.max_seq), true)
+           FROM conversations c JOIN (SELECT conversation_id, max(seq) AS max_seq FROM messages GROUP BY conversation_id) m
+             ON m.conversation_id = c.id",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("last_seq");
+    assert!(
+        last_seq_ok,
+        "conversations.last_seq disagrees with the stored messages"
+    );
+    rows.len()
+}
