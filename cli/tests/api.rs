@@ -8,6 +8,21 @@ use serde_json::{Value, json};
 use support::{System, text};
 use uuid::Uuid;
 
+#[derive(sqlx::FromRow)]
+struct StoredRow {
+    id: Uuid,
+    conversation_id: Uuid,
+    seq: i64,
+    sender_id: String,
+    content: String,
+    content_type: String,
+    recipient_ids: Vec<String>,
+    metadata: Value,
+    priority: String,
+    idempotency_key: String,
+    correlation_id: Uuid,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sent_message_is_persisted_with_every_field_right() {
     let system = System::start().await;
@@ -42,24 +57,27 @@ async fn a_sent_message_is_persisted_with_every_field_right() {
         system.wait_for_messages(1, Duration::from_secs(10)).await,
         1
     );
-    let row: (Uuid, Uuid, i64, String, String, String, Vec<String>, Value, String, String, Uuid) = sqlx::query_as(
+    let row: StoredRow = sqlx::query_as(
         "SELECT id, conversation_id, seq, sender_id, content, content_type, recipient_ids, metadata, priority,
                 idempotency_key, correlation_id FROM messages",
     )
     .fetch_one(&system.pool)
     .await
     .unwrap();
-    assert_eq!(row.0.to_string(), message_id);
-    assert_eq!(row.1, conversation);
-    assert_eq!(row.2, 1);
-    assert_eq!(row.3, "alice");
-    assert_eq!(row.4, "hello, hot path");
-    assert_eq!(row.5, "text");
-    assert_eq!(row.6, vec!["bob".to_string()]);
-    assert_eq!(row.7, json!({"replyTo": "x", "n": 1}));
-    assert_eq!(row.8, "high");
-    assert_eq!(row.9, ack["idempotencyKey"].as_str().unwrap());
-    assert_eq!(row.10.to_string(), ack["correlationId"].as_str().unwrap());
+    assert_eq!(row.id.to_string(), message_id);
+    assert_eq!(row.conversation_id, conversation);
+    assert_eq!(row.seq, 1);
+    assert_eq!(row.sender_id, "alice");
+    assert_eq!(row.content, "hello, hot path");
+    assert_eq!(row.content_type, "text");
+    assert_eq!(row.recipient_ids, vec!["bob".to_string()]);
+    assert_eq!(row.metadata, json!({"replyTo": "x", "n": 1}));
+    assert_eq!(row.priority, "high");
+    assert_eq!(row.idempotency_key, ack["idempotencyKey"].as_str().unwrap());
+    assert_eq!(
+        row.correlation_id.to_string(),
+        ack["correlationId"].as_str().unwrap()
+    );
 
     let status: Value = system
         .get("alice", &format!("/v1/messages/{message_id}/status"))

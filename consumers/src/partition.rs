@@ -164,7 +164,8 @@ impl PartitionWorker {
 
     /// Persists the items in stream order, splitting around permanent failures.
     async fn persist_in_order(&self, items: &[Item], shutdown: &CancellationToken) {
-        let mut ranges: VecDeque<Range<usize>> = VecDeque::from([0..items.len()]);
+        let mut ranges: VecDeque<Range<usize>> = VecDeque::new();
+        ranges.push_back(0..items.len());
         while let Some(range) = ranges.pop_front() {
             let slice = &items[range.clone()];
             if slice.is_empty() {
@@ -247,7 +248,7 @@ impl PartitionWorker {
     async fn settle(&self, slice: &[Item], outcome: persist::Outcome) {
         let started = Instant::now();
         let now = chrono::Utc::now();
-        for (index, _seq) in &outcome.inserted {
+        for index in outcome.inserted.keys() {
             let item = &slice[*index];
             let waited = (now - item.envelope.accepted_at)
                 .num_microseconds()

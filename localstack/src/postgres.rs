@@ -6,8 +6,9 @@
 //! `runuser`/`su`: those would stand between us and the server, so the parent-death signal
 //! would kill the wrapper instead of the server, and our signals would reach the wrapper. For
 //! that user to work in our directories, the data and socket directories are chowned to it,
-//! and the base directory (plus any parent this crate created) gets the execute bits it needs
-//! to be traversed; other ancestors are checked and reported, never changed.
+//! and the directories leading to them get the execute bits it needs to traverse them, if
+//! they are ours to change (see `make_traversable`); other ancestors are checked and
+//! reported, never changed.
 //!
 //! Crashes: a SIGKILLed postmaster leaves `postmaster.pid`, children that exit a moment later
 //! (each child `setsid`s, so they are not in the postmaster's process group), and a SysV
@@ -251,7 +252,7 @@ impl Postgres {
     fn durability_disabled(&self) -> bool {
         self.extra_args
             .iter()
-            .any(|arg| arg.trim_start_matches("-c").trim() == "fsync=off")
+            .any(|arg| arg.trim_start_matches("-c").trim_start_matches("--").trim() == "fsync=off")
     }
 
     async fn launch(&mut self) -> Result<()> {
@@ -336,10 +337,27 @@ impl Postgres {
             tracing::warn!(pid = file.pid, "removing stale postmaster.pid");
             let path = self.pgdata.join("postmaster.pid");
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            // The socket's lock file names the same dead pid and would stop postgres just
+            // the same; the socket itself is stale too.
+            self.remove_stale_sockets();
         }
         // Otherwise: no lock file; or a dead pid, which postgres handles itself; or a
         // postgres we may not inspect (another user's), which postgres will judge.
         Ok(())
+    }
+
+    /// Removes `.s.PGSQL.<port>` sockets and their `.lock` files left by a dead postmaster.
+    fn remove_stale_sockets(&self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("pgsock")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".s.PGSQL.")
+                && let Err(error) = std::fs::remove_file(entry.path())
+            {
+                tracing::warn!(path = %entry.path().display(), %error, "could not remove a stale socket file");
+            }
+        }
     }
 
     /// Kills processes left over from a dead postmaster of this cluster and removes its
@@ -385,18 +403,9 @@ impl Postgres {
     async fn pg_isready(&self) -> Result<()> {
         let port = self.port.to_string();
         let output = run_client(
-            tokio::process::Command::new(self.bindir.join("pg_isready")).args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-t",
-                "2",
-            ]),
+            tokio::process::Command::new(self.bindir.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port])
+                .args(["-U", "postgres", "-d", "postgres", "-t", "2"]),
         )
         .await?;
         if !output.status.success() {
@@ -433,23 +442,13 @@ impl Postgres {
     /// unaligned, tuples-only output.
     async fn psql(&self, sql: &str) -> Result<String> {
         let port = self.port.to_string();
-        let output = run_client(tokio::process::Command::new(&self.psql).args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-tA",
-            "-c",
-            sql,
-        ]))
+        let output = run_client(
+            tokio::process::Command::new(&self.psql)
+                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-tA"])
+                .args(["-h", "127.0.0.1", "-p", &port])
+                .args(["-U", "postgres", "-d", "postgres"])
+                .args(["-c", sql]),
+        )
         .await?;
         if !output.status.success() {
             bail!(
@@ -589,24 +588,31 @@ fn lookup_user(name: &std::ffi::CStr) -> Result<Option<Credentials>> {
     }
 }
 
-/// Lets `owner` reach `dir`: the base directory and the parents we created get the execute
-/// (search) bits for group and others; other ancestors are only checked.
+/// Lets `owner` reach `dir`. Directories we are responsible for get the execute (search)
+/// bits for group and others when `owner` lacks them: `dir` itself, the parents this crate
+/// created, and parents of ours inside the system temp directory (test harnesses pass a
+/// subdirectory of a 0700 `tempfile` directory). Any other ancestor (a home directory, say)
+/// is only checked: changing its permissions is not our call.
 fn make_traversable(dir: &Path, created: &[PathBuf], owner: Credentials) -> Result<()> {
-    for ours in created.iter().map(PathBuf::as_path).chain([dir]) {
-        let meta = ours
-            .metadata()
-            .with_context(|| format!("inspecting {}", ours.display()))?;
-        if !can_traverse(&meta, owner) {
-            let mode = meta.permissions().mode() | 0o011;
-            std::fs::set_permissions(ours, std::fs::Permissions::from_mode(mode))
-                .with_context(|| format!("chmod {mode:o} {}", ours.display()))?;
-        }
-    }
+    let temp_root = std::env::temp_dir().canonicalize().ok();
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let ours = |path: &Path, meta: &std::fs::Metadata| {
+        path == dir
+            || created.iter().any(|c| c == path)
+            || (meta.uid() == euid
+                && temp_root
+                    .as_deref()
+                    .is_some_and(|tmp| path != tmp && path.starts_with(tmp)))
+    };
     for ancestor in dir.ancestors() {
         let meta = ancestor
             .metadata()
             .with_context(|| format!("inspecting {}", ancestor.display()))?;
-        if !can_traverse(&meta, owner) {
+        if can_traverse(&meta, owner) {
+            continue;
+        }
+        if !ours(ancestor, &meta) {
             bail!(
                 "postgres runs as the `postgres` user (uid {}) because we are root, and that \
                  user cannot traverse {} (mode {:o}, owner uid {}); allow it (chmod o+x) or use \
@@ -617,6 +623,9 @@ fn make_traversable(dir: &Path, created: &[PathBuf], owner: Credentials) -> Resu
                 meta.uid()
             );
         }
+        let mode = meta.permissions().mode() | 0o011;
+        std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {:o} {}", mode & 0o7777, ancestor.display()))?;
     }
     Ok(())
 }

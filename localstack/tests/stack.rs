@@ -53,6 +53,13 @@ fn psql(port: u16, database: &str, sql: &str) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// A temporary directory with mode 0700, as some `tempfile` versions and umasks create them.
+fn private_tempdir(dir: std::io::Result<tempfile::TempDir>) -> tempfile::TempDir {
+    let dir = dir.expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    dir
+}
+
 /// Whether `pid` is a live (non-zombie) process.
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -237,6 +244,62 @@ async fn postgres_keeps_data_across_stop_kill_and_restart() {
     assert_eq!(psql(port, "hotpath_test", "select count(*) from kept"), "2");
     drop(pg);
     assert_no_processes(tmp.path());
+}
+
+/// The layout `hotpath up` and the cli test harness use: one subdirectory per server inside
+/// a (0700) temporary directory. As root, Postgres runs as `postgres` and must get through it.
+#[tokio::test]
+async fn servers_start_in_subdirectories_of_a_private_tempdir() {
+    let tmp = private_tempdir(tempfile::tempdir());
+    let mut nats = NatsServer::start(&tmp.path().join("nats"), free_port().expect("port"))
+        .await
+        .expect("nats starts");
+    let port = free_port().expect("port");
+    let mut pg = Postgres::start(&tmp.path().join("deeper/postgres"), port, "sub", FAST_PG)
+        .await
+        .expect("postgres starts");
+    assert_eq!(psql(port, "sub", "select current_database()"), "sub");
+    pg.stop().await.expect("stop postgres");
+    nats.stop().await.expect("stop nats");
+    assert_no_processes(tmp.path());
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let mode = std::fs::metadata(tmp.path())
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_ne!(mode & 0o001, 0, "made traversable for postgres");
+    }
+}
+
+/// A private directory that is not ours to open up (outside the temp directory, like a home
+/// directory) is reported, not chmod'ed. Only meaningful as root.
+#[tokio::test]
+async fn postgres_refuses_private_ancestors_outside_tmp() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let private = private_tempdir(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")));
+    let err = Postgres::start(
+        &private.path().join("postgres"),
+        free_port().expect("port"),
+        "x",
+        FAST_PG,
+    )
+    .await
+    .expect_err("postgres cannot reach its data directory");
+    let message = format!("{err:#}");
+    assert!(message.contains("cannot traverse"), "{message}");
+    assert!(
+        message.contains(&private.path().display().to_string()),
+        "{message}"
+    );
+    let mode = std::fs::metadata(private.path())
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "left unchanged");
 }
 
 /// The owner process of `servers_die_with_their_owner`; does nothing in a normal test run.

@@ -28,6 +28,15 @@ pub struct MessageStatus {
     pub persisted_at: Option<DateTime<Utc>>,
 }
 
+#[derive(sqlx::FromRow)]
+struct StoredMessage {
+    conversation_id: Uuid,
+    sender_id: String,
+    seq: i64,
+    accepted_at: DateTime<Utc>,
+    persisted_at: DateTime<Utc>,
+}
+
 /// The message's state: `sent` with its seq once persisted, `pending` while it is only in the
 /// stream. Only the sender or a member of the conversation may see it; to anyone else it does
 /// not exist (404), so ids cannot be probed.
@@ -42,7 +51,7 @@ pub async fn status(
     };
     let message_id = Uuid::parse_str(&id).map_err(|_| not_found())?;
 
-    let row: Option<(Uuid, String, i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+    let row: Option<StoredMessage> = sqlx::query_as(
         "SELECT conversation_id, sender_id, seq, accepted_at, persisted_at FROM messages WHERE id = $1",
     )
     .bind(message_id)
@@ -51,14 +60,14 @@ pub async fn status(
     .map_err(db_error)?;
 
     let status = match row {
-        Some((conversation_id, sender_id, seq, accepted_at, persisted_at)) => MessageStatus {
+        Some(stored) => MessageStatus {
             message_id,
-            conversation_id,
-            sender_id,
+            conversation_id: stored.conversation_id,
+            sender_id: stored.sender_id,
             state: "sent",
-            seq: Some(seq),
-            accepted_at,
-            persisted_at: Some(persisted_at),
+            seq: Some(stored.seq),
+            accepted_at: stored.accepted_at,
+            persisted_at: Some(stored.persisted_at),
         },
         None => {
             let accepted = state
