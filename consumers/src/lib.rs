@@ -36,6 +36,7 @@ pub async fn run(
     let js = jetstream::new(nats);
     let metrics = DeliveryMetrics::new();
     let partitions = config.owned_partitions();
+    let shared_config = std::sync::Arc::new(config.clone());
     let mut workers = JoinSet::new();
     for &partition in &partitions {
         let consumer = ensure_delivery_consumer(&js, partition, config).await?;
@@ -44,6 +45,7 @@ pub async fn run(
             consumer,
             pool: pool.clone(),
             js: js.clone(),
+            config: shared_config.clone(),
             metrics: metrics.clone(),
             batch_size: config.batch_size.max(1),
             poison_max_deliver: config.poison_max_deliver.max(1),

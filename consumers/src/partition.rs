@@ -5,6 +5,13 @@
 //! `max_ack_pending` equals the batch size, so even after a crash JetStream hands out nothing
 //! past an unsettled batch until it has been redelivered.)
 //!
+//! A worker that dies with messages in hand (a crash, a lost pull request) leaves them
+//! unacknowledged; JetStream would redeliver them only after the ack wait, behind newer
+//! messages. So before it fetches, a worker that may follow such a loss (every new worker, and
+//! any after a failed fetch) checks the consumer: if anything is still unacknowledged, it
+//! rewinds the consumer to just after its ack floor and reads on from there in stream order.
+//! What was already stored comes back as a duplicate and is only acknowledged.
+//!
 //! Failures come in two kinds and are treated very differently:
 //! * **transient** (Postgres down, timeouts): the batch stays in hand and is retried with
 //!   backoff, while JetStream is told the messages are still being worked on
@@ -18,11 +25,16 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
+use hotpath_core::config::Config;
 use hotpath_core::db::is_transient;
 use hotpath_core::envelope::Envelope;
+use hotpath_core::names::{MESSAGES_STREAM, delivery_consumer};
+use hotpath_core::streams::rewind_delivery_consumer;
 use opentelemetry::KeyValue;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +48,7 @@ pub struct PartitionWorker {
     pub consumer: PullConsumer,
     pub pool: PgPool,
     pub js: jetstream::Context,
+    pub config: Arc<Config>,
     pub metrics: DeliveryMetrics,
     pub batch_size: usize,
     pub poison_max_deliver: u64,
@@ -52,6 +65,22 @@ struct Item {
     deliveries: i64,
 }
 
+/// The messages a fetch got, in stream order, and the error that cut it short, if any.
+struct Fetched {
+    messages: Vec<Message>,
+    error: Option<anyhow::Error>,
+}
+
+/// Sleeps for `delay` (doubling it, up to 5 s) unless shutdown comes first; false on shutdown.
+async fn pause(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
+    let sleep = *delay;
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+    tokio::select! {
+        () = tokio::time::sleep(sleep) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
+
 enum Settled {
     Done(persist::Outcome),
     Permanent(String),
@@ -60,37 +89,76 @@ enum Settled {
 
 impl PartitionWorker {
     /// Runs until `shutdown` is cancelled; a batch in hand is settled or handed back first.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut delay = Duration::from_millis(100);
+        // A new worker may follow one that died with messages in hand.
+        let mut resync = true;
         while !shutdown.is_cancelled() {
+            if resync {
+                match self.resync().await {
+                    Ok(()) => resync = false,
+                    Err(error) => {
+                        tracing::warn!(partition = self.partition, %error, "cannot check the consumer; retrying");
+                        if !pause(&mut delay, &shutdown).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
             let fetched = tokio::select! {
                 fetched = self.next_batch() => fetched,
                 () = shutdown.cancelled() => break,
             };
-            match fetched {
-                Ok(batch) if batch.is_empty() => {}
-                Ok(batch) => {
-                    delay = Duration::from_millis(100);
-                    self.process(batch, &shutdown).await;
-                }
-                Err(error) => {
+            if !fetched.messages.is_empty() {
+                self.process(fetched.messages, &shutdown).await;
+            }
+            match fetched.error {
+                None => delay = Duration::from_millis(100),
+                Some(error) => {
+                    // Messages may have been delivered to the failed pull and be lost in
+                    // transit: check before fetching past them.
                     tracing::warn!(partition = self.partition, %error, "fetch failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => break,
+                    resync = true;
+                    if !pause(&mut delay, &shutdown).await {
+                        break;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
         tracing::info!(partition = self.partition, "partition worker stopped");
     }
 
+    /// If messages are delivered but unacknowledged while this worker holds none, rewinds the
+    /// consumer to just after its ack floor so they come back first and in order.
+    async fn resync(&mut self) -> anyhow::Result<()> {
+        let stream = self.js.get_stream(MESSAGES_STREAM).await?;
+        let info = stream
+            .consumer_info(delivery_consumer(self.partition))
+            .await?;
+        if info.num_ack_pending == 0 {
+            return Ok(());
+        }
+        let floor = info.ack_floor.stream_sequence;
+        tracing::warn!(
+            partition = self.partition,
+            unacknowledged = info.num_ack_pending,
+            ack_floor = floor,
+            "messages were left in hand; replaying from the ack floor to keep stream order"
+        );
+        self.consumer =
+            rewind_delivery_consumer(&self.js, self.partition, &self.config, floor).await?;
+        Ok(())
+    }
+
     /// Whatever is waiting, up to a batch; if nothing is, waits (long poll) for the next
-    /// message and takes what arrived with it.
-    async fn next_batch(&self) -> anyhow::Result<Vec<Message>> {
-        let mut batch = self.fetch_available(self.batch_size).await?;
-        if batch.is_empty() {
+    /// message and takes what arrived with it. A failure part-way keeps what did arrive.
+    async fn next_batch(&self) -> Fetched {
+        let mut fetched = self.fetch_available(self.batch_size).await;
+        if !fetched.messages.is_empty() || fetched.error.is_some() {
+            return fetched;
+        }
+        let first = async {
             let mut wait = self
                 .consumer
                 .batch()
@@ -99,24 +167,51 @@ impl PartitionWorker {
                 .messages()
                 .await?;
             match tokio::time::timeout(Duration::from_secs(10), wait.next()).await {
-                Ok(Some(message)) => batch.push(message.map_err(anyhow::Error::from_boxed)?),
-                Ok(None) | Err(_) => return Ok(batch),
+                Ok(Some(message)) => Ok(Some(message.map_err(anyhow::Error::from_boxed)?)),
+                Ok(None) => Ok(None),
+                Err(_) => anyhow::bail!("long poll did not complete within 10 s"),
             }
-            if self.batch_size > 1 {
-                batch.extend(self.fetch_available(self.batch_size - 1).await?);
+        };
+        match first.await {
+            Ok(Some(message)) => fetched.messages.push(message),
+            Ok(None) => return fetched,
+            Err(error) => {
+                fetched.error = Some(error);
+                return fetched;
             }
         }
-        Ok(batch)
+        if self.batch_size > 1 {
+            let more = self.fetch_available(self.batch_size - 1).await;
+            fetched.messages.extend(more.messages);
+            fetched.error = more.error;
+        }
+        fetched
     }
 
-    async fn fetch_available(&self, max: usize) -> anyhow::Result<Vec<Message>> {
-        let mut messages = Vec::new();
-        let mut fetch = self.consumer.fetch().max_messages(max).messages().await?;
+    async fn fetch_available(&self, max: usize) -> Fetched {
+        let mut fetched = Fetched {
+            messages: Vec::new(),
+            error: None,
+        };
+        let mut fetch = match self.consumer.fetch().max_messages(max).messages().await {
+            Ok(fetch) => fetch,
+            Err(error) => {
+                fetched.error = Some(error.into());
+                return fetched;
+            }
+        };
         loop {
             match tokio::time::timeout(Duration::from_secs(10), fetch.next()).await {
-                Ok(Some(message)) => messages.push(message.map_err(anyhow::Error::from_boxed)?),
-                Ok(None) => return Ok(messages),
-                Err(_) => anyhow::bail!("fetch did not complete within 10 s"),
+                Ok(Some(Ok(message))) => fetched.messages.push(message),
+                Ok(Some(Err(error))) => {
+                    fetched.error = Some(anyhow::Error::from_boxed(error));
+                    return fetched;
+                }
+                Ok(None) => return fetched,
+                Err(_) => {
+                    fetched.error = Some(anyhow::anyhow!("fetch did not complete within 10 s"));
+                    return fetched;
+                }
             }
         }
     }

@@ -78,6 +78,9 @@ pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow:
 }
 
 /// Creates or updates the delivery consumer of `partition` and returns it.
+///
+/// An existing consumer keeps where it starts from (JetStream cannot change a consumer's
+/// deliver policy, and a worker may have rewound it; see the consumers crate).
 pub async fn ensure_delivery_consumer(
     js: &jetstream::Context,
     partition: u32,
@@ -87,11 +90,45 @@ pub async fn ensure_delivery_consumer(
         .get_stream(names::MESSAGES_STREAM)
         .await
         .context("MESSAGES stream")?;
+    let mut wanted = delivery_consumer_config(partition, config)?;
+    if let Ok(existing) = stream
+        .consumer_info(names::delivery_consumer(partition))
+        .await
+    {
+        wanted.deliver_policy = existing.config.deliver_policy;
+    }
     let consumer = stream
-        .create_consumer(delivery_consumer_config(partition, config)?)
+        .create_consumer(wanted)
         .await
         .with_context(|| format!("creating consumer {}", names::delivery_consumer(partition)))?;
     Ok(consumer)
+}
+
+/// Recreates the delivery consumer of `partition` so that it delivers again everything after
+/// `after_stream_seq`, in stream order.
+pub async fn rewind_delivery_consumer(
+    js: &jetstream::Context,
+    partition: u32,
+    config: &Config,
+    after_stream_seq: u64,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let stream = js
+        .get_stream(names::MESSAGES_STREAM)
+        .await
+        .context("MESSAGES stream")?;
+    let name = names::delivery_consumer(partition);
+    stream
+        .delete_consumer(&name)
+        .await
+        .with_context(|| format!("deleting consumer {name}"))?;
+    let mut wanted = delivery_consumer_config(partition, config)?;
+    wanted.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: after_stream_seq + 1,
+    };
+    stream
+        .create_consumer(wanted)
+        .await
+        .with_context(|| format!("recreating consumer {name}"))
 }
 
 /// Connects to NATS, bounded in time so a wrong URL fails start-up clearly instead of hanging.
