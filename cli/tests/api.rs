@@ -655,6 +655,17 @@ async fn health_readiness_and_metrics_are_served() {
     ] {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
+    let openapi: Value = system
+        .http
+        .get(system.url("/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(openapi["openapi"], "3.0.3");
+    assert!(openapi["paths"]["/v1/messages"]["post"].is_object());
     let unknown = system
         .http
         .get(system.url("/v1/nothing-here"))

@@ -75,6 +75,7 @@ pub async fn router(
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
+        .route("/v1/openapi.json", get(routes::health::openapi))
         .fallback(http::not_found)
         .with_state(state))
 }

@@ -36,6 +36,14 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// The API's OpenAPI 3 description.
+pub async fn openapi() -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "application/json")],
+        include_str!("../../openapi.json"),
+    )
+}
+
 pub async fn metrics() -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
