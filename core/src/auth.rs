@@ -154,6 +154,37 @@ mod tests {
         }
     }
 
+    /// A throwaway P-256 key pair, made for this test only.
+    const ES256_PRIVATE: &str = include_str!("../tests/keys/es256-private.pem");
+    const ES256_PUBLIC: &str = include_str!("../tests/keys/es256-public.pem");
+
+    #[test]
+    fn es256_tokens_verify_against_the_public_key_only() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            sub: "carol".into(),
+            iat: now,
+            exp: now + 60,
+        };
+        let key = EncodingKey::from_ec_pem(ES256_PRIVATE.as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap();
+        let verifier = TokenVerifier::from_public_key_pem(ES256_PUBLIC.as_bytes()).unwrap();
+        assert_eq!(
+            verifier
+                .verify_header(Some(&format!("Bearer {token}")))
+                .unwrap(),
+            "carol"
+        );
+
+        // An HS256 token signed with the public key's bytes must not pass (algorithm confusion).
+        let forged = mint_hs256_token(ES256_PUBLIC.as_bytes(), "carol", 60).unwrap();
+        assert!(
+            verifier
+                .verify_header(Some(&format!("Bearer {forged}")))
+                .is_err()
+        );
+    }
+
     #[test]
     fn user_ids_are_checked() {
         assert!(is_valid_user_id("user_1@example.com"));
