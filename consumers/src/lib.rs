@@ -39,20 +39,34 @@ pub async fn run(
     let shared_config = std::sync::Arc::new(config.clone());
     let mut workers = JoinSet::new();
     for &partition in &partitions {
-        let consumer = ensure_delivery_consumer(&js, partition, config).await?;
-        let worker = PartitionWorker {
-            partition,
-            consumer,
-            pool: pool.clone(),
-            js: js.clone(),
-            config: shared_config.clone(),
-            metrics: metrics.clone(),
-            batch_size: config.batch_size.max(1),
-            poison_max_deliver: config.poison_max_deliver.max(1),
-            max_retry_delay: (config.ack_wait() / 3)
-                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
-        };
-        workers.spawn(worker.run(shutdown.clone()));
+        let (js, pool, config, metrics, shutdown) = (
+            js.clone(),
+            pool.clone(),
+            shared_config.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        workers.spawn(async move {
+            // Creating the consumer needs NATS: keep trying (NATS may be restarting) rather
+            // than leave this partition without a worker.
+            let Some(consumer) = consumer_with_retry(&js, partition, &config, &shutdown).await
+            else {
+                return;
+            };
+            let worker = PartitionWorker {
+                partition,
+                consumer,
+                pool,
+                js,
+                batch_size: config.batch_size.max(1),
+                poison_max_deliver: config.poison_max_deliver.max(1),
+                max_retry_delay: (config.ack_wait() / 3)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+                config,
+                metrics,
+            };
+            worker.run(shutdown).await;
+        });
     }
     tracing::info!(partitions = ?partitions, "delivery consumers running");
 
@@ -62,6 +76,31 @@ pub async fn run(
     }
     lag.abort();
     Ok(())
+}
+
+/// The partition's durable consumer, created or updated; `None` only on shutdown.
+async fn consumer_with_retry(
+    js: &jetstream::Context,
+    partition: u32,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Option<async_nats::jetstream::consumer::PullConsumer> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match ensure_delivery_consumer(js, partition, config).await {
+            Ok(consumer) => return Some(consumer),
+            Err(error) => tracing::warn!(
+                partition,
+                error = format!("{error:#}"),
+                "cannot set up the consumer; retrying"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Publishes each owned consumer's pending and ack-pending counts every few seconds.

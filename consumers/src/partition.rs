@@ -303,7 +303,14 @@ impl PartitionWorker {
             })
             .collect();
         let mut delay = Duration::from_millis(100);
+        let mut attempt = 0u32;
         loop {
+            if attempt > 0 {
+                // Each failed attempt itself may take seconds (the pool's acquire timeout):
+                // say "still working" right before trying again, too.
+                self.in_progress(slice).await;
+            }
+            attempt += 1;
             let started = Instant::now();
             let result = persist::persist(&self.pool, &rows).await;
             let millis = started.elapsed().as_secs_f64() * 1000.0;
@@ -322,9 +329,7 @@ impl PartitionWorker {
                         %error,
                         "Postgres unavailable; holding the batch"
                     );
-                    for item in slice {
-                        let _ = item.message.ack_with(AckKind::Progress).await;
-                    }
+                    self.in_progress(slice).await;
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = shutdown.cancelled() => return Settled::ShuttingDown,
@@ -336,6 +341,13 @@ impl PartitionWorker {
                     return Settled::Permanent(error.to_string());
                 }
             }
+        }
+    }
+
+    /// Tells JetStream the slice is still being worked on, restarting its ack wait.
+    async fn in_progress(&self, slice: &[Item]) {
+        for item in slice {
+            let _ = item.message.ack_with(AckKind::Progress).await;
         }
     }
 
