@@ -81,13 +81,28 @@ async fn run_until_signal(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     roles::prepare(config).await?;
-    let consumers = roles::spawn_consumers(config.clone(), shutdown.clone()).await?;
-    let (addr, gateway) = roles::spawn_gateway(config.clone(), shutdown.clone()).await?;
+    let mut consumers = roles::spawn_consumers(config.clone(), shutdown.clone()).await?;
+    let (addr, mut gateway) = roles::spawn_gateway(config.clone(), shutdown.clone()).await?;
     print_welcome(addr, config, data_dir)?;
 
-    roles::termination_signal().await;
-    println!("\nshutting down: draining requests and settling in-flight batches");
+    // Run until asked to stop, or until a role ends by itself (which is a failure: say so
+    // and stop the rest rather than keep serving half a system).
+    let early_end = tokio::select! {
+        () = roles::termination_signal() => None,
+        ended = &mut gateway => Some(("gateway", ended)),
+        ended = &mut consumers => Some(("consumers", ended)),
+    };
     shutdown.cancel();
+    if let Some((role, ended)) = early_end {
+        let error = match ended {
+            Ok(Ok(())) => anyhow::anyhow!("the {role} stopped unexpectedly"),
+            Ok(Err(error)) => error.context(format!("the {role} failed")),
+            Err(error) => anyhow::Error::from(error).context(format!("the {role} task died")),
+        };
+        return Err(error);
+    }
+
+    println!("\nshutting down: draining requests and settling in-flight batches");
     let drained = tokio::time::timeout(Duration::from_secs(30), async {
         let gateway = gateway.await;
         let consumers = consumers.await;
