@@ -676,3 +676,57 @@ async fn health_readiness_and_metrics_are_served() {
     let body: Value = unknown.json().await.unwrap();
     assert_eq!(body["error"]["code"], "NOT_FOUND");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_through_one_gateway_reaches_another_gateways_cache() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (other_addr, _other) =
+        hotpath::roles::spawn_gateway(system.config.clone(), shutdown.clone())
+            .await
+            .unwrap();
+    let send_via_other = |user: &str, body: Value| {
+        system
+            .http
+            .post(format!("http://{other_addr}/v1/messages"))
+            .bearer_auth(system.token(user))
+            .json(&body)
+            .send()
+    };
+    // The other gateway caches the conversation with bob as a member.
+    assert_eq!(
+        send_via_other("bob", text(conversation, "hi"))
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+
+    // Bob is removed through the first gateway; the second hears of it over NATS.
+    let removed = system
+        .http
+        .delete(system.url(&format!("/v1/conversations/{conversation}/members/bob")))
+        .bearer_auth(system.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = send_via_other("bob", text(conversation, "still here?"))
+            .await
+            .unwrap();
+        if response.status() == 403 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "NOT_CONVERSATION_MEMBER");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other gateway kept its stale membership"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+}
