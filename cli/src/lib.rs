@@ -1,5 +1,6 @@
 //! The `hotpath` command's pieces, as a library so the integration tests start exactly what
 //! the command starts.
 
+pub mod bench;
 pub mod roles;
 pub mod up;

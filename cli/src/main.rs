@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use hotpath::{roles, up};
+use hotpath::{bench, roles, up};
 use hotpath_core::auth;
 use hotpath_core::config::Config;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +61,9 @@ enum Command {
         #[command(flatten)]
         config: Config,
     },
+    /// Measure a running system: open-loop latency at a fixed rate, the most the gateway
+    /// accepts, how fast it all reaches Postgres, and raw JetStream and Postgres baselines.
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -106,5 +109,6 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", auth::mint_hs256_token(&secret, &user_id, ttl_secs)?);
             Ok(())
         }
+        Command::Bench(args) => bench::run(args).await,
     }
 }

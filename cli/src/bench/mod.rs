@@ -1,0 +1,459 @@
+//! `hotpath bench`: measures a running Hotpath and, in the same run, what its NATS and
+//! Postgres can do without it, so every figure comes with the ceiling it is compared against.
+//!
+//! In order:
+//! 1. set-up: tokens for `bench-u<i>` users and group conversations created through the API;
+//! 2. latency phase ([`load::open_loop`]): a fixed arrival rate, latencies from the scheduled
+//!    send time;
+//! 3. capacity phase ([`load::capacity`]): back-to-back senders, the most the gateway accepts;
+//! 4. after each phase, [`persisted::wait_for`] checks everything accepted reached Postgres and
+//!    how fast;
+//! 5. baselines ([`baseline`]): raw JetStream publishes and raw UNNEST inserts of the same
+//!    messages;
+//! 6. a summary on stdout and the same figures as JSON ([`report`]).
+//!
+//! [`stats`] holds what the HTTP phases count and the live progress line.
+
+mod baseline;
+mod load;
+mod persisted;
+mod report;
+mod stats;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use chrono::Utc;
+use hotpath_core::config::redact_url_password;
+use hotpath_core::envelope::Envelope;
+use hotpath_core::names::MESSAGES_STREAM;
+use hotpath_core::{auth, db, streams};
+use serde::Deserialize;
+use sqlx::PgPool;
+
+use load::{CapacityResult, OpenLoop, OpenLoopResult, REQUEST_TIMEOUT, Sender};
+use report::{Baselines, Machine, PersistedReport, Report, Settings};
+use workload::{CONTENT_CHARS, MAX_GROUP_MEMBERS, Workload};
+
+/// Messages per second per user the default user count aims at: half the gateway's default
+/// per-user limit (50/s), so the rate limiter never shapes the measurement.
+const PER_USER_RATE: u32 = 25;
+/// Users per capacity worker by default. The capacity phase's rate is unknown up front; with
+/// 4 users per worker the per-user limit only bites above 200 msg/s per worker.
+const USERS_PER_WORKER: usize = 4;
+/// Stream metadata key under which the MESSAGES stream records its partition count (see
+/// `hotpath_core::streams`).
+const PARTITIONS_METADATA: &str = "hotpath.partitions";
+/// Partitions assumed when the stream does not record them: the configuration's default.
+const DEFAULT_PARTITIONS: u32 = 16;
+/// File descriptors kept for everything but in-flight requests (NATS, Postgres, stdio).
+const FD_RESERVE: usize = 512;
+/// The baselines move as many messages as the larger HTTP phase accepted, within these
+/// bounds: enough for a stable rate, few enough to hold in memory (about 2.5 KB each).
+const BASELINE_MESSAGES: (u64, u64) = (20_000, 100_000);
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Base URL of the gateway under test.
+    #[arg(
+        long,
+        env = "HOTPATH_GATEWAY_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub gateway: String,
+    /// Data directory of `hotpath up`: its ports.json gives the NATS and Postgres URLs and
+    /// its jwt-secret signs the benchmark's tokens, unless overridden below.
+    #[arg(long, default_value = ".hotpath")]
+    pub data_dir: PathBuf,
+    /// NATS URL (default: from the data directory).
+    #[arg(long, env = "HOTPATH_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Postgres URL (default: from the data directory).
+    #[arg(long, env = "HOTPATH_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// HS256 secret the gateway verifies tokens with (default: the data directory's).
+    #[arg(long, env = "HOTPATH_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Arrival rate of the latency phase, in messages per second.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: u32,
+    /// Measured length of the latency phase.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub duration_secs: u64,
+    /// Unmeasured lead-in at the same rate: opens connections and fills the gateway's caches.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    /// Sending users; raised to at least ceil(rate / 25) and, with a capacity phase, to
+    /// 4 per worker, so the gateway's per-user limit (50 msg/s) is not what gets measured.
+    #[arg(long)]
+    pub users: Option<usize>,
+    /// Group conversations to spread the messages over.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub conversations: u64,
+    /// Length of the capacity phase; 0 skips it.
+    #[arg(long, default_value_t = 10)]
+    pub capacity_secs: u64,
+    /// Back-to-back senders in the capacity phase.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub concurrency: u64,
+    /// Latency-phase sends allowed in flight; sends due beyond it are counted as dropped.
+    /// Lowered to fit the open-file limit (each in-flight request holds a connection).
+    #[arg(long, default_value_t = 20_000)]
+    pub max_in_flight: usize,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench.json")]
+    pub out: PathBuf,
+}
+
+impl BenchArgs {
+    /// The user count: the requested one, raised so that no user has to send faster than
+    /// [`PER_USER_RATE`] in the latency phase, nor serve fewer than [`USERS_PER_WORKER`]
+    /// capacity workers' worth of sends.
+    fn users(&self) -> usize {
+        let for_rate = self.rate.div_ceil(PER_USER_RATE) as usize;
+        let for_capacity = if self.capacity_secs > 0 {
+            self.concurrency as usize * USERS_PER_WORKER
+        } else {
+            0
+        };
+        self.users
+            .unwrap_or(1)
+            .max(for_rate)
+            .max(for_capacity)
+            .max(1)
+    }
+}
+
+/// Where the system under test is, and the key to its front door.
+struct Targets {
+    gateway: String,
+    nats_url: String,
+    database_url: String,
+    secret: Vec<u8>,
+}
+
+/// The part of `hotpath up`'s ports.json the benchmark needs.
+#[derive(Deserialize)]
+struct Ports {
+    nats: u16,
+    postgres: u16,
+}
+
+impl Targets {
+    /// Flags and environment first, then the data directory.
+    fn resolve(args: &BenchArgs) -> anyhow::Result<Targets> {
+        let ports = || read_ports(&args.data_dir);
+        let nats_url = match &args.nats_url {
+            Some(url) => url.clone(),
+            None => format!("nats://127.0.0.1:{}", ports()?.nats),
+        };
+        let database_url = match &args.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "postgres://postgres@127.0.0.1:{}/hotpath",
+                ports()?.postgres
+            ),
+        };
+        let secret = match &args.jwt_secret {
+            Some(secret) => secret.as_bytes().to_vec(),
+            None => auth::read_secret_file(&args.data_dir.join("jwt-secret"))
+                .context("no --jwt-secret given and none in the data directory")?,
+        };
+        Ok(Targets {
+            gateway: args.gateway.trim_end_matches('/').to_string(),
+            nats_url,
+            database_url,
+            secret,
+        })
+    }
+}
+
+fn read_ports(data_dir: &Path) -> anyhow::Result<Ports> {
+    let path = data_dir.join("ports.json");
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {} (start the system with `hotpath up --data-dir {}`, or pass --nats-url \
+             and --database-url)",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let targets = Targets::resolve(&args)?;
+    let users = args.users();
+    let conversations = args.conversations as usize;
+    anyhow::ensure!(
+        users.div_ceil(conversations) <= MAX_GROUP_MEMBERS,
+        "{users} users do not fit in {conversations} conversations of at most \
+         {MAX_GROUP_MEMBERS} members; pass more --conversations"
+    );
+    let max_in_flight = in_flight_bound(args.max_in_flight);
+    let started_at = Utc::now();
+    let machine = Machine::detect().await;
+    let system = System::connect(&targets).await?;
+
+    tracing::info!(
+        users,
+        conversations,
+        partitions = system.partitions,
+        "setting up users and conversations"
+    );
+    let workload = Arc::new(
+        Workload::set_up(
+            &system.http,
+            &targets.gateway,
+            &targets.secret,
+            users,
+            conversations,
+        )
+        .await?,
+    );
+    let phases = run_phases(&args, &targets, &system, &workload, max_in_flight).await?;
+    let baselines = run_baselines(
+        &system,
+        &targets.database_url,
+        &workload,
+        phases.baseline_messages(),
+    )
+    .await;
+
+    let settings = Settings {
+        gateway: targets.gateway.clone(),
+        nats_url: targets.nats_url.clone(),
+        database_url: redact_url_password(&targets.database_url),
+        partitions: system.partitions,
+        rate: args.rate,
+        duration_secs: args.duration_secs,
+        warmup_secs: args.warmup_secs,
+        users,
+        conversations,
+        members_per_conversation: workload.group_sizes(),
+        capacity_secs: args.capacity_secs,
+        concurrency: args.concurrency as usize,
+        max_in_flight,
+        content_chars: CONTENT_CHARS,
+        request_body_bytes: workload.message(0).request_body().len(),
+        envelope_bytes: workload.envelope(0).encode().len(),
+    };
+    let mut report = Report {
+        run_id: workload.run_id.clone(),
+        started_at,
+        machine,
+        settings,
+        latency_phase: phases.latency,
+        capacity_phase: phases.capacity,
+        persisted: phases.persisted,
+        baselines,
+        ratios: Default::default(),
+        warnings: Vec::new(),
+    };
+    report.complete();
+    print!("{}", report.summary());
+    report.write_json(&args.out)?;
+    println!("report written to {}", args.out.display());
+    system.pool.close().await;
+    Ok(())
+}
+
+/// Connections to the system under test, checked before anything is sent.
+struct System {
+    http: reqwest::Client,
+    nats: async_nats::Client,
+    pool: PgPool,
+    /// The partition count the running system was set up with.
+    partitions: u32,
+}
+
+impl System {
+    async fn connect(targets: &Targets) -> anyhow::Result<System> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        check_ready(&http, &targets.gateway).await?;
+        let nats = streams::connect(&targets.nats_url, "hotpath-bench").await?;
+        let partitions = system_partitions(&nats).await?;
+        let pool = db::connect(&targets.database_url, 4).await?;
+        Ok(System {
+            http,
+            nats,
+            pool,
+            partitions,
+        })
+    }
+}
+
+/// What the HTTP phases measured, persistence included.
+struct Phases {
+    latency: OpenLoopResult,
+    capacity: Option<CapacityResult>,
+    persisted: PersistedReport,
+}
+
+impl Phases {
+    /// As many messages as the larger phase accepted, within [`BASELINE_MESSAGES`].
+    fn baseline_messages(&self) -> u64 {
+        let capacity = self.capacity.as_ref().map_or(0, |c| c.accepted);
+        capacity
+            .max(self.latency.accepted)
+            .clamp(BASELINE_MESSAGES.0, BASELINE_MESSAGES.1)
+    }
+}
+
+/// The latency phase, then the capacity phase if asked for, each followed by the wait for
+/// its messages to reach Postgres (so the next phase starts on a drained pipeline).
+async fn run_phases(
+    args: &BenchArgs,
+    targets: &Targets,
+    system: &System,
+    workload: &Arc<Workload>,
+    max_in_flight: usize,
+) -> anyhow::Result<Phases> {
+    let sender = Arc::new(Sender::new(
+        system.http.clone(),
+        &targets.gateway,
+        workload.clone(),
+    ));
+    let conversation_ids = workload.conversation_ids();
+    let persisted_after = |window| {
+        persisted::wait_for(
+            &system.pool,
+            &conversation_ids,
+            window,
+            persisted::CATCH_UP_LIMIT,
+        )
+    };
+
+    let plan = OpenLoop {
+        rate: args.rate,
+        warmup_secs: args.warmup_secs,
+        duration_secs: args.duration_secs,
+        max_in_flight,
+    };
+    let latency = load::open_loop(&sender, &plan).await?;
+    let latency_persisted = persisted_after(&latency.window).await?;
+    let (capacity, capacity_persisted) = if args.capacity_secs > 0 {
+        let concurrency = args.concurrency as usize;
+        let capacity = load::capacity(&sender, args.capacity_secs, concurrency).await?;
+        let persisted = persisted_after(&capacity.window).await?;
+        (Some(capacity), Some(persisted))
+    } else {
+        (None, None)
+    };
+    let persisted = PersistedReport {
+        msgs_per_sec: capacity_persisted
+            .as_ref()
+            .unwrap_or(&latency_persisted)
+            .msgs_per_sec,
+        latency_phase: latency_persisted,
+        capacity_phase: capacity_persisted,
+    };
+    Ok(Phases {
+        latency,
+        capacity,
+        persisted,
+    })
+}
+
+/// `--max-in-flight`, lowered to what the open-file limit allows. Each in-flight HTTP/1.1
+/// request holds a socket of its own, and running out of descriptors would show up as
+/// connect errors the gateway never caused.
+fn in_flight_bound(requested: usize) -> usize {
+    let Some(limit) = open_files_limit() else {
+        return requested;
+    };
+    let allowed = limit.saturating_sub(FD_RESERVE).max(1);
+    if allowed < requested {
+        tracing::warn!(
+            requested,
+            allowed,
+            open_files_limit = limit,
+            "lowering --max-in-flight to fit the open-file limit (raise it with ulimit -n)"
+        );
+    }
+    requested.min(allowed)
+}
+
+/// This process's soft limit on open files, from /proc/self/limits; None when unlimited or
+/// unknown.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    // "Max open files  <soft>  <hard>  files"
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Fails early and clearly when nothing answers at `--gateway`.
+async fn check_ready(http: &reqwest::Client, gateway: &str) -> anyhow::Result<()> {
+    let url = format!("{gateway}/readyz");
+    let response = http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("no gateway at {gateway} (is `hotpath up` running?)"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}: the system is not ready",
+        response.status()
+    );
+    Ok(())
+}
+
+/// The partition count the running system was set up with, as recorded on its stream.
+async fn system_partitions(nats: &async_nats::Client) -> anyhow::Result<u32> {
+    let stream = jetstream::new(nats.clone())
+        .get_stream(MESSAGES_STREAM)
+        .await
+        .context("reading the MESSAGES stream (has the system been started?)")?;
+    Ok(stream
+        .cached_info()
+        .config
+        .metadata
+        .get(PARTITIONS_METADATA)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(DEFAULT_PARTITIONS))
+}
+
+/// Both baselines on `messages` envelopes of the workload. A failing baseline is reported,
+/// not fatal: the HTTP figures gathered so far still get written.
+async fn run_baselines(
+    system: &System,
+    database_url: &str,
+    workload: &Workload,
+    messages: u64,
+) -> Baselines {
+    let envelopes: Arc<Vec<Envelope>> =
+        Arc::new((0..messages).map(|seq| workload.envelope(seq)).collect());
+    let mut errors = Vec::new();
+    let raw_jetstream = baseline::raw_jetstream(&system.nats, system.partitions, &envelopes)
+        .await
+        .inspect_err(|error| errors.push(format!("raw JetStream: {error:#}")))
+        .ok();
+    let raw_unnest = baseline::raw_unnest(
+        &system.pool,
+        database_url,
+        system.partitions,
+        workload,
+        envelopes.clone(),
+    )
+    .await
+    .inspect_err(|error| errors.push(format!("raw UNNEST: {error:#}")))
+    .ok();
+    for error in &errors {
+        tracing::error!(%error, "baseline failed");
+    }
+    Baselines {
+        messages: envelopes.len(),
+        raw_jetstream,
+        raw_unnest,
+        errors,
+    }
+}
