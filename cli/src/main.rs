@@ -77,9 +77,7 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             let (addr, task) = roles::spawn_gateway(config, shutdown.clone()).await?;
             tracing::info!(%addr, "gateway listening");
-            roles::termination_signal().await;
-            shutdown.cancel();
-            task.await?
+            roles::run_until_signal("gateway", task, shutdown).await
         }
         Command::Consumers {
             metrics_listen,
@@ -90,10 +88,9 @@ async fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             let metrics = roles::spawn_metrics_endpoint(metrics_listen, shutdown.clone()).await?;
             let task = roles::spawn_consumers(config, shutdown.clone()).await?;
-            roles::termination_signal().await;
-            shutdown.cancel();
-            task.await??;
-            metrics.await?
+            let outcome = roles::run_until_signal("consumers", task, shutdown.clone()).await;
+            metrics.await??;
+            outcome
         }
         Command::Migrate { config } => roles::prepare(&config).await,
         Command::Token {

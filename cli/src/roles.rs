@@ -76,6 +76,30 @@ pub async fn spawn_metrics_endpoint(
     }))
 }
 
+/// Waits for SIGINT/SIGTERM, then cancels `shutdown` and waits for `role` to drain. A role
+/// that ends by itself first is an error: the process exits non-zero instead of lingering
+/// half alive (Kubernetes then restarts it).
+pub async fn run_until_signal(
+    name: &str,
+    mut role: JoinHandle<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        () = termination_signal() => {
+            shutdown.cancel();
+            role.await.with_context(|| format!("the {name} task died"))?
+        }
+        ended = &mut role => {
+            shutdown.cancel();
+            match ended {
+                Ok(Ok(())) => anyhow::bail!("the {name} stopped unexpectedly"),
+                Ok(Err(error)) => Err(error.context(format!("the {name} failed"))),
+                Err(error) => Err(anyhow::Error::from(error).context(format!("the {name} task died"))),
+            }
+        }
+    }
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (Kubernetes, `kill`).
 pub async fn termination_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

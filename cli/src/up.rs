@@ -21,11 +21,25 @@ use tokio_util::sync::CancellationToken;
 
 use crate::roles;
 
-/// Ports chosen on the first run, reused on later ones when still free.
+/// Ports chosen on the first run (recorded in `ports.json`), reused on later ones when still
+/// free. Other tools (`hotpath bench`) find the servers through them.
 #[derive(Debug, Serialize, Deserialize)]
-struct Ports {
-    nats: u16,
-    postgres: u16,
+pub struct Ports {
+    pub nats: u16,
+    pub postgres: u16,
+}
+
+/// The ports `hotpath up` recorded in `data_dir`.
+pub fn read_ports(data_dir: &Path) -> anyhow::Result<Ports> {
+    let path = data_dir.join("ports.json");
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading {} (start the system with `hotpath up --data-dir {}`)",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
 pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyhow::Result<()> {
@@ -139,9 +153,7 @@ fn refuse_if_already_running(data_dir: &Path) -> anyhow::Result<()> {
 /// The recorded ports if they are still free, else new free ones (recorded for next time).
 fn choose_ports(data_dir: &Path) -> anyhow::Result<Ports> {
     let path = data_dir.join("ports.json");
-    let recorded: Option<Ports> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let recorded = read_ports(data_dir).ok();
     let usable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
     let ports = Ports {
         nats: recorded

@@ -20,6 +20,14 @@ const DELIVERY_JSON: &str = include_str!("../../nats/consumers/delivery.json");
 /// Stream metadata key recording the partition count the stream was created with.
 const PARTITIONS_METADATA: &str = "hotpath.partitions";
 
+/// The partition count a `MESSAGES` stream was created with, if it recorded one.
+pub fn recorded_partitions(config: &stream::Config) -> Option<u32> {
+    config
+        .metadata
+        .get(PARTITIONS_METADATA)
+        .and_then(|p| p.parse().ok())
+}
+
 /// The `MESSAGES` stream definition for `partitions` partitions.
 pub fn messages_stream_config(partitions: u32) -> anyhow::Result<stream::Config> {
     let mut config: stream::Config =
@@ -60,9 +68,9 @@ pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow:
             .info()
             .await
             .context("reading MESSAGES stream info")?;
-        if let Some(recorded) = info.config.metadata.get(PARTITIONS_METADATA) {
+        if let Some(recorded) = recorded_partitions(&info.config) {
             anyhow::ensure!(
-                recorded == &partitions.to_string(),
+                recorded == partitions,
                 "the MESSAGES stream was created with {recorded} partitions but this process is \
                  configured for {partitions}; the partition count is fixed at stream creation"
             );

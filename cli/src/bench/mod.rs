@@ -21,7 +21,7 @@ mod report;
 mod stats;
 mod workload;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +31,8 @@ use chrono::Utc;
 use hotpath_core::config::redact_url_password;
 use hotpath_core::envelope::Envelope;
 use hotpath_core::names::MESSAGES_STREAM;
+use hotpath_core::streams::recorded_partitions;
 use hotpath_core::{auth, db, streams};
-use serde::Deserialize;
 use sqlx::PgPool;
 
 use load::{CapacityResult, OpenLoop, OpenLoopResult, REQUEST_TIMEOUT, Sender};
@@ -45,9 +45,6 @@ const PER_USER_RATE: u32 = 25;
 /// Users per capacity worker by default. The capacity phase's rate is unknown up front; with
 /// 4 users per worker the per-user limit only bites above 200 msg/s per worker.
 const USERS_PER_WORKER: usize = 4;
-/// Stream metadata key under which the MESSAGES stream records its partition count (see
-/// `hotpath_core::streams`).
-const PARTITIONS_METADATA: &str = "hotpath.partitions";
 /// Partitions assumed when the stream does not record them: the configuration's default.
 const DEFAULT_PARTITIONS: u32 = 16;
 /// File descriptors kept for everything but in-flight requests (NATS, Postgres, stdio).
@@ -136,17 +133,12 @@ struct Targets {
     secret: Vec<u8>,
 }
 
-/// The part of `hotpath up`'s ports.json the benchmark needs.
-#[derive(Deserialize)]
-struct Ports {
-    nats: u16,
-    postgres: u16,
-}
-
 impl Targets {
     /// Flags and environment first, then the data directory.
     fn resolve(args: &BenchArgs) -> anyhow::Result<Targets> {
-        let ports = || read_ports(&args.data_dir);
+        let ports = || {
+            crate::up::read_ports(&args.data_dir).context("or pass --nats-url and --database-url")
+        };
         let nats_url = match &args.nats_url {
             Some(url) => url.clone(),
             None => format!("nats://127.0.0.1:{}", ports()?.nats),
@@ -170,19 +162,6 @@ impl Targets {
             secret,
         })
     }
-}
-
-fn read_ports(data_dir: &Path) -> anyhow::Result<Ports> {
-    let path = data_dir.join("ports.json");
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "reading {} (start the system with `hotpath up --data-dir {}`, or pass --nats-url \
-             and --database-url)",
-            path.display(),
-            data_dir.display()
-        )
-    })?;
-    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -413,13 +392,7 @@ async fn system_partitions(nats: &async_nats::Client) -> anyhow::Result<u32> {
         .get_stream(MESSAGES_STREAM)
         .await
         .context("reading the MESSAGES stream (has the system been started?)")?;
-    Ok(stream
-        .cached_info()
-        .config
-        .metadata
-        .get(PARTITIONS_METADATA)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(DEFAULT_PARTITIONS))
+    Ok(recorded_partitions(&stream.cached_info().config).unwrap_or(DEFAULT_PARTITIONS))
 }
 
 /// Both baselines on `messages` envelopes of the workload. A failing baseline is reported,
