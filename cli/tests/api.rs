@@ -730,3 +730,57 @@ async fn a_change_made_through_one_gateway_reaches_another_gateways_cache() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_at_capacity_sheds_sends_with_503_and_retry_after() {
+    let system = System::start_with(|config| config.max_in_flight_sends = 1).await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+
+    // The one slot is held by a send whose body is still arriving.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let body = serde_json::to_vec(&text(conversation, "slow")).unwrap();
+    let slow = system
+        .http
+        .post(system.url("/v1/messages"))
+        .bearer_auth(system.token("alice"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(tokio_stream_of(rx)))
+        .send();
+    let slow = tokio::spawn(slow);
+    tx.send(Ok(body[..5].to_vec())).await.unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let shed = loop {
+        let response = system
+            .post("bob", "/v1/messages", text(conversation, "fast"))
+            .await;
+        if response.status() == 503 {
+            break response;
+        }
+        // The slow request may not have reached the gateway yet.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never shed: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let error: Value = shed.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "SERVICE_UNAVAILABLE");
+
+    // Once the slow send completes, the slot is free again.
+    tx.send(Ok(body[5..].to_vec())).await.unwrap();
+    drop(tx);
+    assert_eq!(slow.await.unwrap().unwrap().status(), 202);
+    assert_eq!(
+        system.send("bob", text(conversation, "fast again")).await.0,
+        202
+    );
+}
+
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

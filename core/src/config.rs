@@ -58,6 +58,11 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Sends handled at once per gateway; above it a send is answered 503 at once (load
+    /// shedding) instead of queueing until every client times out.
+    #[arg(long, env = "HOTPATH_MAX_IN_FLIGHT_SENDS", default_value_t = 8192)]
+    pub max_in_flight_sends: usize,
+
     /// How long a publish may wait for JetStream's acknowledgement before answering 503.
     #[arg(long, env = "HOTPATH_PUBLISH_TIMEOUT_MS", default_value_t = 1000)]
     pub publish_timeout_ms: u64,
@@ -150,6 +155,7 @@ impl fmt::Display for Config {
             self.rate_per_user, self.rate_burst
         )?;
         writeln!(f, "max_body_bytes={}", self.max_body_bytes)?;
+        writeln!(f, "max_in_flight_sends={}", self.max_in_flight_sends)?;
         writeln!(f, "publish_timeout_ms={}", self.publish_timeout_ms)?;
         writeln!(
             f,

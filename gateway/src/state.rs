@@ -36,6 +36,8 @@ pub struct AppState {
     pub producer: Producer,
     pub rate_limit: RateLimit,
     pub recently_accepted: Cache<Uuid, Accepted>,
+    /// One permit per send being handled: the load-shedding bound.
+    pub send_slots: Arc<tokio::sync::Semaphore>,
     pub metrics: ProducerMetrics,
 }
 
@@ -62,6 +64,9 @@ impl AppState {
                 .time_to_live(Duration::from_secs(600))
                 .build(),
             metrics: ProducerMetrics::new(),
+            send_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.max_in_flight_sends.max(1),
+            )),
             config: Arc::new(config),
         }
     }

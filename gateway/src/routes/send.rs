@@ -1,6 +1,6 @@
 //! `POST /v1/messages`: the hot path, in the order it happens.
 //!
-//! authenticate → rate limit → read a bounded body → load facts from the cache → run the check
+//! shed load if full → authenticate → rate limit → read a bounded body → load facts from the cache → run the check
 //! chain → derive the idempotency key and message id → publish to JetStream → 202 `pending`.
 //! Nothing here writes to Postgres; persisting is the consumers' job.
 
@@ -77,6 +77,14 @@ async fn accept(
     body: Body,
 ) -> Result<SendAccepted, Rejection> {
     let started = Instant::now();
+
+    // 0. Too many sends in progress: answer at once rather than queue until clients time out.
+    let Ok(_slot) = state.send_slots.clone().try_acquire_owned() else {
+        return Err(Rejection::ServiceUnavailable {
+            reason: "the gateway is at capacity".into(),
+            retry_after_secs: 1,
+        });
+    };
 
     // 1. Who is sending: the token's subject, never a body field.
     let user_id = authenticate(state, headers)?;
