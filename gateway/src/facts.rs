@@ -32,14 +32,38 @@ pub struct ConversationFacts {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Invalidation {
+    /// The gateway that made the change (it has already dropped its own copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_ids: Vec<String>,
 }
 
+impl Invalidation {
+    pub fn conversation(id: Uuid) -> Invalidation {
+        Invalidation {
+            origin: None,
+            conversation_id: Some(id),
+            user_ids: Vec::new(),
+        }
+    }
+
+    pub fn users(user_ids: Vec<String>) -> Invalidation {
+        Invalidation {
+            origin: None,
+            conversation_id: None,
+            user_ids,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Facts {
+    /// This gateway's identity in announcements, so it can skip its own echo: applying it late
+    /// would drop an entry loaded after the change, for nothing.
+    origin: Uuid,
     pool: PgPool,
     nats: async_nats::Client,
     conversations: Cache<Uuid, Option<Arc<ConversationFacts>>>,
@@ -50,6 +74,7 @@ pub struct Facts {
 impl Facts {
     pub fn new(pool: PgPool, nats: async_nats::Client, ttl: Duration) -> Facts {
         Facts {
+            origin: Uuid::new_v4(),
             pool,
             nats,
             conversations: Cache::builder()
@@ -91,8 +116,9 @@ impl Facts {
     }
 
     /// Drops the local copy and tells every other gateway to drop theirs.
-    pub async fn announce(&self, invalidation: Invalidation) {
+    pub async fn announce(&self, mut invalidation: Invalidation) {
         self.apply(&invalidation).await;
+        invalidation.origin = Some(self.origin);
         // Serialising this struct cannot fail.
         let payload = serde_json::to_vec(&invalidation).expect("invalidation serialises");
         if let Err(error) = self
@@ -121,6 +147,7 @@ impl Facts {
     pub async fn listen(self, mut subscription: async_nats::Subscriber) {
         while let Some(message) = subscription.next().await {
             match serde_json::from_slice::<Invalidation>(&message.payload) {
+                Ok(invalidation) if invalidation.origin == Some(self.origin) => {}
                 Ok(invalidation) => self.apply(&invalidation).await,
                 Err(error) => tracing::warn!(%error, "ignoring a malformed invalidation"),
             }

@@ -100,13 +100,7 @@ pub async fn create(
     .await
     .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
-    state
-        .facts
-        .announce(Invalidation {
-            conversation_id: Some(id),
-            user_ids: vec![],
-        })
-        .await;
+    state.facts.announce(Invalidation::conversation(id)).await;
 
     let view = ConversationView {
         conversation_id: id,
@@ -217,10 +211,10 @@ pub async fn block(
     .map_err(db_error)?;
     state
         .facts
-        .announce(Invalidation {
-            conversation_id: None,
-            user_ids: vec![user_id.clone(), request.user_id.clone()],
-        })
+        .announce(Invalidation::users(vec![
+            user_id.clone(),
+            request.user_id.clone(),
+        ]))
         .await;
     Ok((
         StatusCode::CREATED,
@@ -269,10 +263,7 @@ async fn changed(
 ) -> Result<Json<ConversationView>, ApiError> {
     state
         .facts
-        .announce(Invalidation {
-            conversation_id: Some(before.id),
-            user_ids: vec![],
-        })
+        .announce(Invalidation::conversation(before.id))
         .await;
     let now = state.facts.conversation(before.id).await?.ok_or_else(|| {
         Rejection::ConversationNotFound {
