@@ -95,7 +95,7 @@ pub async fn raw_jetstream(
 
 /// Each envelope as the gateway's producer publishes it: to its partition's subject, with
 /// its idempotency key as `Nats-Msg-Id`. Also returns the payloads' total size.
-fn encode_all(
+pub(super) fn encode_all(
     prefix: &str,
     partitions: u32,
     envelopes: &[Envelope],
@@ -118,7 +118,7 @@ fn encode_all(
 
 /// Publishes every message with up to [`MAX_PENDING_ACKS`] acknowledgements outstanding.
 /// Returns how many the stream called duplicates and how long it took.
-async fn publish_all(
+pub(super) async fn publish_all(
     js: &jetstream::Context,
     messages: Vec<(String, PublishMessage)>,
 ) -> anyhow::Result<(u64, Duration)> {

@@ -15,6 +15,7 @@
 //! [`stats`] holds what the HTTP phases count and the live progress line.
 
 mod baseline;
+mod drain;
 mod load;
 mod persisted;
 mod report;
@@ -94,6 +95,10 @@ pub struct BenchArgs {
     /// Length of the capacity phase; 0 skips it.
     #[arg(long, default_value_t = 10)]
     pub capacity_secs: u64,
+    /// Messages published straight into MESSAGES as a backlog for the consumers to drain
+    /// (their persisting rate without the gateway in front); 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    pub drain_messages: u64,
     /// Back-to-back senders in the capacity phase.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     pub concurrency: u64,
@@ -194,7 +199,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
-    let phases = run_phases(&args, &targets, &system, &workload, max_in_flight).await?;
+    let mut phases = run_phases(&args, &targets, &system, &workload, max_in_flight).await?;
+    if args.drain_messages > 0 {
+        let drained = drain::backlog(
+            &system.nats,
+            &system.pool,
+            system.partitions,
+            &workload,
+            args.drain_messages,
+        )
+        .await?;
+        phases.persisted.consumer_drain = Some(drained);
+    }
     let baselines = run_baselines(
         &system,
         &targets.database_url,
@@ -334,6 +350,7 @@ async fn run_phases(
             .msgs_per_sec,
         latency_phase: latency_persisted,
         capacity_phase: capacity_persisted,
+        consumer_drain: None,
     };
     Ok(Phases {
         latency,

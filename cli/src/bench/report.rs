@@ -118,6 +118,9 @@ pub struct Settings {
 pub struct PersistedReport {
     pub latency_phase: Persisted,
     pub capacity_phase: Option<Persisted>,
+    /// A backlog published straight into the stream: the consumers' own persisting rate,
+    /// not bounded by what the gateway can feed them.
+    pub consumer_drain: Option<Persisted>,
     /// The headline: the capacity phase's figure when it ran (the consumers under the most
     /// load the gateway could give them), else the latency phase's.
     pub msgs_per_sec: f64,
@@ -139,6 +142,8 @@ pub struct Ratios {
     /// End-to-end persisting over raw inserts: the share of Postgres's rate the consumers
     /// keep. Bounded by what the gateway fed them.
     pub persisted_over_raw_unnest: Option<f64>,
+    /// The consumers draining a backlog over raw inserts: the consumer machinery's cost.
+    pub drained_over_raw_unnest: Option<f64>,
 }
 
 impl Report {
@@ -155,6 +160,13 @@ impl Report {
         self.ratios = Ratios {
             accepted_capacity_over_raw_jetstream: ratio(capacity, raw_js),
             persisted_over_raw_unnest: ratio(Some(self.persisted.msgs_per_sec), raw_unnest),
+            drained_over_raw_unnest: ratio(
+                self.persisted
+                    .consumer_drain
+                    .as_ref()
+                    .map(|d| d.msgs_per_sec),
+                raw_unnest,
+            ),
         };
         self.warnings = self.find_warnings();
     }
@@ -197,12 +209,14 @@ impl Report {
                 capacity.rate_limited()
             ));
         }
-        let phases = std::iter::once(("latency", &self.persisted.latency_phase)).chain(
-            self.persisted
-                .capacity_phase
-                .iter()
-                .map(|p| ("capacity", p)),
-        );
+        let phases = std::iter::once(("latency", &self.persisted.latency_phase))
+            .chain(
+                self.persisted
+                    .capacity_phase
+                    .iter()
+                    .map(|p| ("capacity", p)),
+            )
+            .chain(self.persisted.consumer_drain.iter().map(|p| ("drain", p)));
         for (phase, persisted) in phases {
             if !persisted.complete {
                 warnings.push(format!(
@@ -309,6 +323,9 @@ impl Report {
         if let Some(persisted) = &self.persisted.capacity_phase {
             write_persisted(out, "capacity", persisted)?;
         }
+        if let Some(drained) = &self.persisted.consumer_drain {
+            write_persisted(out, "drain", drained)?;
+        }
         writeln!(out, "persisted    {:.0} msg/s", self.persisted.msgs_per_sec)?;
         self.write_baselines(out)?;
         for warning in &self.warnings {
@@ -339,9 +356,11 @@ impl Report {
         let r = &self.ratios;
         writeln!(
             out,
-            "ratios       accepted capacity / raw JetStream {}; persisted / raw UNNEST {}\n",
+            "ratios       accepted capacity / raw JetStream {}; persisted / raw UNNEST {}; \
+             drained backlog / raw UNNEST {}\n",
             percent(r.accepted_capacity_over_raw_jetstream),
-            percent(r.persisted_over_raw_unnest)
+            percent(r.persisted_over_raw_unnest),
+            percent(r.drained_over_raw_unnest)
         )
     }
 }
