@@ -67,6 +67,14 @@ pub enum Rejection {
         reason: String,
         retry_after_secs: u64,
     },
+    /// A rejection decided by a policy, with one of the codes policies may give
+    /// (`policies/ABI.md`): same status and code as the native rejection of that class.
+    #[error("{message}")]
+    Policy {
+        code: PolicyCode,
+        message: String,
+        details: Value,
+    },
     /// A failure that is nobody's fault but ours; logged with its cause.
     #[error("internal error")]
     Internal { reason: String },
@@ -89,6 +97,7 @@ impl Rejection {
             Rejection::PayloadTooLarge { .. } => 413,
             Rejection::RateLimitExceeded { .. } => 429,
             Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => 500,
+            Rejection::Policy { code, .. } => code.status(),
             Rejection::EnqueueUnavailable { .. } | Rejection::ServiceUnavailable { .. } => 503,
         }
     }
@@ -115,6 +124,7 @@ impl Rejection {
             }
             Rejection::ServiceUnavailable { .. } => "SERVICE_UNAVAILABLE",
             Rejection::Internal { .. } => "INTERNAL_ERROR",
+            Rejection::Policy { code, .. } => code.as_str(),
         }
     }
 
@@ -140,6 +150,7 @@ impl Rejection {
             Rejection::EnqueueFailed { .. } => "enqueue_failed",
             Rejection::ServiceUnavailable { .. } => "service_unavailable",
             Rejection::Internal { .. } => "internal_error",
+            Rejection::Policy { code, .. } => code.telemetry_label(),
         }
     }
 
@@ -203,6 +214,7 @@ impl Rejection {
                 json!({ "retryAfterSeconds": retry_after_secs })
             }
             Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => json!({}),
+            Rejection::Policy { details, .. } => details.clone(),
         }
     }
 
@@ -215,6 +227,85 @@ impl Rejection {
                 "details": self.details(),
             }
         })
+    }
+}
+
+/// The codes a policy may reject with, each with its fixed status (`policies/ABI.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyCode {
+    InvalidSchema,
+    MissingRequiredField,
+    InvalidFieldType,
+    FieldTooLong,
+    InvalidRecipient,
+    Forbidden,
+    NotConversationMember,
+    ConversationNotFound,
+    ConversationInactive,
+    UserBlocked,
+}
+
+impl PolicyCode {
+    pub const ALL: [PolicyCode; 10] = [
+        PolicyCode::InvalidSchema,
+        PolicyCode::MissingRequiredField,
+        PolicyCode::InvalidFieldType,
+        PolicyCode::FieldTooLong,
+        PolicyCode::InvalidRecipient,
+        PolicyCode::Forbidden,
+        PolicyCode::NotConversationMember,
+        PolicyCode::ConversationNotFound,
+        PolicyCode::ConversationInactive,
+        PolicyCode::UserBlocked,
+    ];
+
+    /// The code for a wire string, if policies may use it.
+    pub fn from_wire(code: &str) -> Option<PolicyCode> {
+        PolicyCode::ALL.into_iter().find(|c| c.as_str() == code)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyCode::InvalidSchema => "INVALID_SCHEMA",
+            PolicyCode::MissingRequiredField => "MISSING_REQUIRED_FIELD",
+            PolicyCode::InvalidFieldType => "INVALID_FIELD_TYPE",
+            PolicyCode::FieldTooLong => "FIELD_TOO_LONG",
+            PolicyCode::InvalidRecipient => "INVALID_RECIPIENT",
+            PolicyCode::Forbidden => "FORBIDDEN",
+            PolicyCode::NotConversationMember => "NOT_CONVERSATION_MEMBER",
+            PolicyCode::ConversationNotFound => "CONVERSATION_NOT_FOUND",
+            PolicyCode::ConversationInactive => "CONVERSATION_INACTIVE",
+            PolicyCode::UserBlocked => "USER_BLOCKED",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            PolicyCode::InvalidSchema
+            | PolicyCode::MissingRequiredField
+            | PolicyCode::InvalidFieldType
+            | PolicyCode::FieldTooLong
+            | PolicyCode::InvalidRecipient => 400,
+            PolicyCode::Forbidden | PolicyCode::NotConversationMember => 403,
+            PolicyCode::ConversationNotFound => 404,
+            PolicyCode::ConversationInactive | PolicyCode::UserBlocked => 409,
+        }
+    }
+
+    /// The same labels as the native rejections of this class.
+    pub fn telemetry_label(self) -> &'static str {
+        match self {
+            PolicyCode::InvalidSchema => "invalid_schema",
+            PolicyCode::MissingRequiredField => "missing_required_field",
+            PolicyCode::InvalidFieldType => "invalid_field_type",
+            PolicyCode::FieldTooLong => "field_too_long",
+            PolicyCode::InvalidRecipient => "invalid_recipient",
+            PolicyCode::Forbidden => "forbidden",
+            PolicyCode::NotConversationMember => "not_conversation_member",
+            PolicyCode::ConversationNotFound => "conversation_not_found",
+            PolicyCode::ConversationInactive => "conversation_inactive",
+            PolicyCode::UserBlocked => "user_blocked",
+        }
     }
 }
 
@@ -236,6 +327,63 @@ mod tests {
                 "details": {"conversationId": "conv_123"}
             }})
         );
+    }
+
+    #[test]
+    fn policy_codes_match_the_native_rejections() {
+        let natives = [
+            Rejection::InvalidSchema {
+                message: String::new(),
+                details: json!({}),
+            },
+            Rejection::MissingRequiredField {
+                field: String::new(),
+            },
+            Rejection::InvalidFieldType {
+                field: String::new(),
+                expected: String::new(),
+            },
+            Rejection::FieldTooLong {
+                field: String::new(),
+                max: 0,
+                actual: 0,
+            },
+            Rejection::InvalidRecipient {
+                recipient_id: String::new(),
+                reason: String::new(),
+            },
+            Rejection::Forbidden {
+                reason: String::new(),
+            },
+            Rejection::NotConversationMember {
+                user_id: String::new(),
+                conversation_id: String::new(),
+            },
+            Rejection::ConversationNotFound {
+                conversation_id: String::new(),
+            },
+            Rejection::ConversationInactive {
+                conversation_id: String::new(),
+            },
+            Rejection::UserBlocked {
+                user_id: String::new(),
+                other_user_id: String::new(),
+            },
+        ];
+        for (native, code) in natives.iter().zip(PolicyCode::ALL) {
+            let policy = Rejection::Policy {
+                code,
+                message: "m".into(),
+                details: json!({}),
+            };
+            assert_eq!(
+                (policy.status(), policy.code()),
+                (native.status(), native.code())
+            );
+            assert_eq!(policy.telemetry_label(), native.telemetry_label());
+            assert_eq!(PolicyCode::from_wire(code.as_str()), Some(code));
+        }
+        assert_eq!(PolicyCode::from_wire("ENQUEUE_FAILED"), None);
     }
 
     #[test]
