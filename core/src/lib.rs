@@ -9,6 +9,7 @@ pub mod db;
 pub mod envelope;
 pub mod ids;
 pub mod names;
+pub mod policy_store;
 pub mod rejection;
 pub mod streams;
 pub mod telemetry;
