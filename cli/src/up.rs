@@ -49,6 +49,7 @@ pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyh
     refuse_if_already_running(&data_dir)?;
     std::fs::write(data_dir.join("up.pid"), std::process::id().to_string())?;
 
+    open_path_for_postgres(&data_dir)?;
     let ports = choose_ports(&data_dir)?;
     println!(
         "starting nats-server on 127.0.0.1:{} (data in {})",
@@ -129,6 +130,32 @@ async fn run_until_signal(
             consumers.context("consumers task")??;
         }
         Err(_) => tracing::warn!("roles did not stop within 30 s"),
+    }
+    Ok(())
+}
+
+/// Run as root, Postgres runs as the `postgres` user, which must be able to walk down to the
+/// data directory. A checkout in a private home directory (`/root`, mode 0700) would stop it,
+/// so the directories on the way get the search bit for others (o+x: enter, not list), and we
+/// say so.
+fn open_path_for_postgres(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    for dir in data_dir.ancestors() {
+        let metadata =
+            std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        let mode = metadata.permissions().mode();
+        if mode & 0o001 == 0 {
+            println!(
+                "note: allowing others to traverse {} (o+x) so Postgres can reach its data",
+                dir.display()
+            );
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+                .with_context(|| format!("making {} traversable", dir.display()))?;
+        }
     }
     Ok(())
 }
