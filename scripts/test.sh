@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+policies/build.sh
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e

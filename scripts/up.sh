@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+policies/build.sh
 cargo build --release -p hotpath
 exec target/release/hotpath up "$@"

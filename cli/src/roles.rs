@@ -2,24 +2,57 @@
 //! how Kubernetes runs them); `hotpath up` and the tests run both in one process.
 
 use std::net::SocketAddr;
+use std::path::Path;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
+use hotpath_core::policy_store::PolicyStore;
 use hotpath_core::{db, streams};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Makes sure the streams and the schema exist. Every role does this at start; both steps are
-/// idempotent and safe to run concurrently.
+/// Makes sure the streams, the schema and a policy chain exist. Every role does this at start;
+/// each step is idempotent and safe to run concurrently.
 pub async fn prepare(config: &Config) -> anyhow::Result<()> {
     let nats = streams::connect(&config.nats_url, "hotpath-setup").await?;
-    streams::ensure_streams(&jetstream::new(nats), config.partitions).await?;
+    let js = jetstream::new(nats);
+    streams::ensure_streams(&js, config.partitions).await?;
+    install_shipped_policies(&js, &config.policy_dir).await?;
     let pool = db::connect(&config.database_url, 2).await?;
     db::migrate(&pool).await?;
     pool.close().await;
+    Ok(())
+}
+
+/// The shipped policies, in chain order.
+pub const SHIPPED_POLICIES: [&str; 2] = ["schema", "authz"];
+
+/// Installs the shipped policies as the chain when there is none yet (a new installation).
+/// An existing chain is the operators' and is left alone.
+async fn install_shipped_policies(js: &jetstream::Context, dir: &Path) -> anyhow::Result<()> {
+    let store = PolicyStore::open(js).await?;
+    let (chain, _) = store.chain().await?;
+    if !chain.policies.is_empty() {
+        return Ok(());
+    }
+    for name in SHIPPED_POLICIES {
+        let module = dir.join(format!("{name}.wasm"));
+        let Ok(bytes) = std::fs::read(&module) else {
+            tracing::warn!(
+                module = %module.display(),
+                "no policy chain in NATS and no shipped policy here: build them with policies/build.sh \
+                 (the gateway refuses sends until a chain is loaded)"
+            );
+            return Ok(());
+        };
+        let vectors = std::fs::read(dir.join(format!("{name}.vectors.json"))).ok();
+        let digest = store.put_module(&bytes, vectors.as_deref()).await?;
+        store.activate(name, &digest, "deny").await?;
+        tracing::info!(policy = name, digest = %digest, "installed shipped policy");
+    }
     Ok(())
 }
 

@@ -631,7 +631,10 @@ async fn health_readiness_and_metrics_are_served() {
         .json()
         .await
         .unwrap();
-    assert_eq!(ready, json!({"nats": "ok", "postgres": "ok"}));
+    assert_eq!(
+        ready,
+        json!({"nats": "ok", "postgres": "ok", "policies": "ok"})
+    );
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     let metrics = system

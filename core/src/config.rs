@@ -84,6 +84,11 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_FACTS_TTL_SECS", default_value_t = 300)]
     pub facts_ttl_secs: u64,
 
+    /// Where the shipped policies are (built by `policies/build.sh`); they are installed as the
+    /// chain when NATS has none yet.
+    #[arg(long, env = "HOTPATH_POLICY_DIR", default_value = "policies/dist")]
+    pub policy_dir: std::path::PathBuf,
+
     /// Postgres pool size per process.
     #[arg(long, env = "HOTPATH_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
@@ -164,6 +169,7 @@ impl fmt::Display for Config {
         )?;
         writeln!(f, "facts_ttl_secs={}", self.facts_ttl_secs)?;
         writeln!(f, "db_max_connections={}", self.db_max_connections)?;
+        writeln!(f, "policy_dir={}", self.policy_dir.display())?;
         write!(
             f,
             "consumer_replica={}/{}",

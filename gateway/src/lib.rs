@@ -3,10 +3,10 @@
 //!
 //! Start reading at [`routes::send`], which tells the hot path in order.
 
-pub mod checks;
 pub mod facts;
 mod http;
 mod metrics;
+pub mod policies;
 mod producer;
 mod rate_limit;
 pub mod routes;
@@ -33,6 +33,21 @@ pub async fn router(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Router> {
     let state = AppState::new(config, verifier, pool, nats.clone());
+
+    // The policy chain, loaded before the router exists so the gateway is ready only with it.
+    let js = async_nats::jetstream::new(nats.clone());
+    let store = hotpath_core::policy_store::PolicyStore::open(&js).await?;
+    let engine = hotpath_policy_host::PolicyEngine::new()?;
+    let gateway_id = format!("gateway-{}", uuid::Uuid::new_v4().simple());
+    policies::sync::PolicySync::new(
+        engine,
+        store,
+        state.policies.clone(),
+        state.policy_metrics.clone(),
+        gateway_id,
+    )
+    .start(shutdown.clone())
+    .await?;
 
     let subscription = nats.subscribe(FACTS_INVALIDATE_SUBJECT).await?;
     let facts = state.facts.clone();

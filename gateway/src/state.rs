@@ -10,9 +10,9 @@ use moka::future::Cache;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::checks::Chain;
 use crate::facts::Facts;
 use crate::metrics::ProducerMetrics;
+use crate::policies::{ActiveChain, PolicyMetrics};
 use crate::producer::Producer;
 use crate::rate_limit::RateLimit;
 
@@ -32,7 +32,9 @@ pub struct AppState {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub facts: Facts,
-    pub chain: Chain,
+    /// The policies in force; swapped whole by [`crate::policies::sync`].
+    pub policies: Arc<arc_swap::ArcSwap<ActiveChain>>,
+    pub policy_metrics: PolicyMetrics,
     pub producer: Producer,
     pub rate_limit: RateLimit,
     pub recently_accepted: Cache<Uuid, Accepted>,
@@ -56,7 +58,8 @@ impl AppState {
             pool,
             nats,
             facts,
-            chain: Chain::standard(),
+            policies: Arc::new(arc_swap::ArcSwap::from_pointee(ActiveChain::default())),
+            policy_metrics: PolicyMetrics::new(),
             producer,
             rate_limit,
             recently_accepted: Cache::builder()

@@ -11,7 +11,6 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use hotpath_core::auth;
 use hotpath_core::envelope::{ENVELOPE_VERSION, Envelope};
 use hotpath_core::ids::{idempotency_key, message_id};
-use hotpath_gateway::checks::MAX_RECIPIENTS;
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -21,7 +20,7 @@ pub const CONTENT_CHARS: usize = 200;
 /// Smallest group the benchmark creates (when there are enough users).
 const MIN_GROUP_MEMBERS: usize = 4;
 /// Largest group the gateway lets anyone create: the creator plus the recipient limit.
-pub const MAX_GROUP_MEMBERS: usize = MAX_RECIPIENTS + 1;
+pub const MAX_GROUP_MEMBERS: usize = hotpath_gateway::routes::conversations::MAX_MEMBERS;
 /// About how many conversations each user belongs to, so a user's sends spread over several.
 const MEMBERSHIPS_PER_USER: usize = 3;
 /// Tokens outlive any benchmark run.

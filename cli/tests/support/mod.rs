@@ -89,7 +89,18 @@ pub fn test_config(servers: &Servers) -> Config {
     config.partitions = 4;
     config.batch_size = 64;
     config.db_max_connections = 10;
+    config.policy_dir = policy_dir();
     config
+}
+
+/// The shipped policies, built by `policies/build.sh` (README command 2 runs it first).
+pub fn policy_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/dist");
+    assert!(
+        dir.join("schema.wasm").exists() && dir.join("authz.wasm").exists(),
+        "the shipped policies are not built: run policies/build.sh (scripts/test.sh does)"
+    );
+    dir
 }
 
 impl System {

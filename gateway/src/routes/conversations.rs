@@ -16,10 +16,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::checks::MAX_RECIPIENTS;
 use crate::facts::{ConversationFacts, Invalidation};
 use crate::http::{ApiError, authenticate, db_error, read_json, typed};
 use crate::state::AppState;
+
+/// Largest conversation: the creator plus the most recipients a message may name.
+pub const MAX_MEMBERS: usize = 1001;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,12 +73,8 @@ pub async fn create(
         "direct" | "group" => {}
         _ => return Err(invalid("type must be direct or group", "type").into()),
     }
-    if members.len() > MAX_RECIPIENTS + 1 {
-        return Err(invalid(
-            &format!("at most {} members", MAX_RECIPIENTS + 1),
-            "members",
-        )
-        .into());
+    if members.len() > MAX_MEMBERS {
+        return Err(invalid(&format!("at most {} members", MAX_MEMBERS), "members").into());
     }
 
     let id = Uuid::new_v4();

@@ -15,7 +15,7 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when NATS is connected and Postgres answers within a second.
+/// Ready when NATS is connected, Postgres answers within a second, and a policy chain is loaded.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
     let postgres = tokio::time::timeout(
@@ -24,16 +24,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     )
     .await
     .is_ok_and(|r| r.is_ok());
+    let policies = !state.policies.load().is_empty();
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let status = if nats && postgres {
+    let status = if nats && postgres && policies {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({"nats": word(nats), "postgres": word(postgres)})),
-    )
+    let body = json!({"nats": word(nats), "postgres": word(postgres), "policies": word(policies)});
+    (status, Json(body))
 }
 
 /// The API's OpenAPI 3 description.

@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::checks::CheckInput;
 use crate::http::{ApiError, authenticate, read_json, typed};
 use crate::state::{Accepted, AppState};
 
@@ -105,14 +104,22 @@ async fn accept(
     };
     let sender_blocks = state.facts.blocks(&user_id).await?;
 
-    // 4. The check chain: schema, then authorization.
-    let input = CheckInput {
-        user_id: &user_id,
-        request: &request,
-        conversation: conversation.as_deref(),
-        sender_blocks: &sender_blocks,
-    };
-    let normalized = state.chain.run(input)?;
+    // 4. The policy chain (WebAssembly): schema, authorization, and whatever operators
+    //    pushed. No chain loaded means nothing may pass.
+    let chain = state.policies.load();
+    if chain.is_empty() {
+        return Err(Rejection::ServiceUnavailable {
+            reason: "no policies are loaded".into(),
+            retry_after_secs: 1,
+        });
+    }
+    let normalized = chain.run(
+        &state.policy_metrics,
+        &user_id,
+        &request,
+        conversation.as_deref(),
+        &sender_blocks,
+    )?;
     let request: SendRequest = typed(normalized.unwrap_or(request))?;
     // The chain rejects sends to unknown conversations, so both are present here.
     let (Some(conversation_id), Some(conversation)) = (conversation_id, conversation) else {

@@ -1,0 +1,14 @@
+//! The policy chain on the request path, and keeping it in step with NATS.
+//!
+//! Every send passes the active chain of WebAssembly policies (`policies/ABI.md`): `schema`,
+//! `authz`, and whatever operators pushed. [`ActiveChain`] runs them; [`sync`] watches the
+//! chain's KV key, compiles and self-tests new modules off the request path, and swaps the
+//! whole chain atomically (`ArcSwap`), so a request sees either the old chain or the new one,
+//! never a mix, and no request waits for a compile.
+
+mod chain;
+mod metrics;
+pub mod sync;
+
+pub use chain::ActiveChain;
+pub use metrics::PolicyMetrics;
