@@ -23,6 +23,10 @@ impl Up {
             .args(["up", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env(
+                "HOTPATH_POLICY_DIR",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/dist"),
+            )
             .stdout(Stdio::piped())
             // The logs go next to the data, for reading when this test fails.
             .stderr(log_file(data_dir))
