@@ -2,5 +2,6 @@
 //! the command starts.
 
 pub mod bench;
+pub mod policy;
 pub mod roles;
 pub mod up;

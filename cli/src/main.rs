@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use hotpath::{bench, roles, up};
+use hotpath::{bench, policy, roles, up};
 use hotpath_core::auth;
 use hotpath_core::config::Config;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,16 @@ enum Command {
     /// Measure a running system: open-loop latency at a fixed rate, the most the gateway
     /// accepts, how fast it all reaches Postgres, and raw JetStream and Postgres baselines.
     Bench(bench::BenchArgs),
+    /// Policies: test, push, list, rollback, bench.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+        /// NATS URL (default: from `hotpath up`'s data directory, else nats://127.0.0.1:4222).
+        #[arg(long, env = "HOTPATH_NATS_URL", global = true)]
+        nats_url: Option<String>,
+        #[arg(long, default_value = ".hotpath", global = true)]
+        data_dir: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -107,5 +117,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Policy {
+            command,
+            nats_url,
+            data_dir,
+        } => policy::run(command, policy::nats_url(nats_url, &data_dir)).await,
     }
 }
