@@ -13,14 +13,10 @@ use wasmtime::{
 };
 
 use crate::policy::{Exports, OnError, Policy, PolicyParts, StoreState};
-use crate::{ABI_VERSION, DEADLINE, Failure, MAX_MEMORY_BYTES};
+use crate::{ABI_VERSION, Failure, MAX_MEMORY_BYTES};
 
-/// How often the ticker advances the engine's epoch.
-const TICK: Duration = Duration::from_millis(1);
-
-/// The deadline in ticks: an evaluation is interrupted after between `DEADLINE_TICKS - 1` and
-/// `DEADLINE_TICKS` ticks, i.e. 9 to 10 ms plus scheduling slack.
-pub(crate) const DEADLINE_TICKS: u64 = (DEADLINE.as_millis() / TICK.as_millis()) as u64;
+/// How often the ticker advances the engine's epoch: the granularity of the deadline.
+pub(crate) const TICK: Duration = Duration::from_millis(1);
 
 /// How many instances (and so linear memories) may be live at once across all policies of an
 /// engine. An instance lives for one evaluation, so this bounds concurrent evaluations, which
@@ -42,9 +38,13 @@ const MEMORY_GUARD_BYTES: u64 = 2 << 20;
 /// Compiles and loads policies; owns the sandbox configuration they all run under.
 ///
 /// * **Epoch interruption** bounds time: compiled code checks the engine's epoch at function
-///   entries and loop back-edges, and a store whose deadline has passed traps. One background
-///   thread advances the epoch every millisecond, which costs far less than fuel metering (no
-///   per-instruction accounting) and measures wall-clock time, which is what a request waits.
+///   entries and loop back-edges, a cheap load and compare, far less than fuel metering's
+///   per-instruction accounting. One background thread advances the epoch every millisecond.
+///   When an evaluation's epoch deadline comes, the store asks how much CPU the evaluating
+///   thread has actually used: past [`crate::DEADLINE`] (or past [`crate::WALL_DEADLINE`] of
+///   wall clock) it is interrupted, otherwise the deadline moves to when the rest of the budget
+///   could be spent. A healthy policy preempted on a busy host is therefore not failed, which
+///   a pure wall-clock deadline would do whenever the thread waits 10 ms for a core.
 /// * **The pooling allocator** makes a fresh instance per evaluation cheap: linear memories,
 ///   tables and instance metadata are preallocated slots that are reset and reused (copy-on-write
 ///   images for data segments) instead of being mapped and unmapped per request. Each memory slot

@@ -2,17 +2,19 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hotpath_core::rejection::{PolicyCode, Rejection};
+use rustix::time::{ClockId, clock_gettime};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use wasmtime::{
     Extern, Instance, InstancePre, Module, ModuleExport, ResourceLimiter, Store, Trap, TypedFunc,
-    WasmParams, WasmResults,
+    UpdateDeadline, WasmParams, WasmResults,
 };
 
-use crate::engine::{DEADLINE_TICKS, Ticker};
-use crate::{DEADLINE, MAX_MEMORY_BYTES, MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES};
+use crate::engine::{TICK, Ticker};
+use crate::{DEADLINE, MAX_MEMORY_BYTES, MAX_MESSAGE_CHARS, MAX_OUTPUT_BYTES, WALL_DEADLINE};
 
 /// What happens to a message when its policy fails (traps, misses its deadline, answers
 /// nonsense): rejected with 403 `FORBIDDEN` (fail-closed, the default), or let through.
@@ -71,10 +73,67 @@ impl Exports {
     }
 }
 
-/// The per-evaluation store's data: only the memory limiter.
-#[derive(Default)]
+/// The per-evaluation store's data: the memory limiter and the time budget.
 pub(crate) struct StoreState {
     limiter: MemoryLimiter,
+    budget: Budget,
+}
+
+/// One evaluation's time budget: [`DEADLINE`] of the evaluating thread's CPU time, and at most
+/// [`WALL_DEADLINE`] of wall clock. Checked only when the epoch deadline comes (10 ms after the
+/// start, then whenever the rest of the budget could have been spent), so a healthy evaluation
+/// pays one clock read.
+struct Budget {
+    cpu_start: Duration,
+    wall_start: Instant,
+    /// Which limit interrupted the evaluation, if one did.
+    exceeded: Option<Limit>,
+}
+
+#[derive(Clone, Copy)]
+enum Limit {
+    Cpu,
+    Wall,
+}
+
+impl Budget {
+    fn start() -> Budget {
+        Budget {
+            cpu_start: thread_cpu_time(),
+            wall_start: Instant::now(),
+            exceeded: None,
+        }
+    }
+
+    /// The epoch deadline came: interrupt, or move the deadline to when the rest of the CPU
+    /// budget could be spent if the thread ran all the time.
+    fn on_epoch_deadline(&mut self) -> UpdateDeadline {
+        let used = thread_cpu_time().saturating_sub(self.cpu_start);
+        if used >= DEADLINE {
+            self.exceeded = Some(Limit::Cpu);
+            return UpdateDeadline::Interrupt;
+        }
+        if self.wall_start.elapsed() >= WALL_DEADLINE {
+            self.exceeded = Some(Limit::Wall);
+            return UpdateDeadline::Interrupt;
+        }
+        UpdateDeadline::Continue(ticks(DEADLINE - used))
+    }
+}
+
+/// The CPU time the calling thread has used so far.
+fn thread_cpu_time() -> Duration {
+    let now = clock_gettime(ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// Whole epoch ticks covering `time` (at least one).
+fn ticks(time: Duration) -> u64 {
+    let ticks = time.as_nanos().div_ceil(TICK.as_nanos()).max(1);
+    u64::try_from(ticks).unwrap_or(u64::MAX)
 }
 
 /// Caps linear memory at [`MAX_MEMORY_BYTES`] and remembers whether it had to say no, so a
@@ -146,11 +205,12 @@ impl Policy {
     /// Every call gets a fresh instance, so nothing a policy does can leak into the next
     /// evaluation (no state, no leaked memory, no half-finished work after a trap) and a policy
     /// needs no deallocation. With the pooling allocator and a pre-linked template, that costs a
-    /// few microseconds. The call is bounded by the 10 ms deadline (instantiation included) and
-    /// the 16 MiB memory cap, and never panics: whatever the module does is an [`Evaluation`].
+    /// few microseconds. The call is bounded by the time budget ([`DEADLINE`] of CPU,
+    /// [`WALL_DEADLINE`] of wall clock, instantiation included) and the 16 MiB memory cap, and
+    /// never panics: whatever the module does is an [`Evaluation`].
     ///
-    /// The module runs on the calling thread (up to the deadline), within a 512 KiB slice of
-    /// its stack: any thread with the usual 2 MiB stack will do.
+    /// The module runs on the calling thread, within a 512 KiB slice of its stack: any thread
+    /// with the usual 2 MiB stack will do.
     pub fn evaluate(&self, input: &[u8]) -> Evaluation {
         self.run(input).unwrap_or_else(Evaluation::Failed)
     }
@@ -165,12 +225,16 @@ impl Policy {
             .map_err(|error| failure(&store, error))
     }
 
-    /// A new store with its deadline and memory limit set, and a fresh instance in it.
+    /// A new store with its time budget and memory limit set, and a fresh instance in it.
     fn instantiate(&self) -> Result<(Store<StoreState>, Instance), Failure> {
-        let mut store = Store::new(self.inner.pre.module().engine(), StoreState::default());
+        let state = StoreState {
+            limiter: MemoryLimiter::default(),
+            budget: Budget::start(),
+        };
+        let mut store = Store::new(self.inner.pre.module().engine(), state);
         store.limiter(|state| &mut state.limiter);
-        store.set_epoch_deadline(DEADLINE_TICKS);
-        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks(DEADLINE));
+        store.epoch_deadline_callback(|mut store| Ok(store.data_mut().budget.on_epoch_deadline()));
         match self.inner.pre.instantiate(&mut store) {
             Ok(instance) => Ok((store, instance)),
             Err(error) => Err(failure(&store, error)),
@@ -369,7 +433,14 @@ fn failure(store: &Store<StoreState>, error: wasmtime::Error) -> Failure {
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => Failure::new(
             FailureKind::Deadline,
-            format!("did not finish within {} ms", DEADLINE.as_millis()),
+            match store.data().budget.exceeded {
+                Some(Limit::Wall) => {
+                    format!("still running after {} ms", WALL_DEADLINE.as_millis())
+                }
+                Some(Limit::Cpu) | None => {
+                    format!("used its {} ms of CPU", DEADLINE.as_millis())
+                }
+            },
         ),
         Some(trap) if memory_refused => Failure::new(
             FailureKind::Memory,
@@ -461,7 +532,8 @@ pub enum FailureKind {
     /// The module trapped (`unreachable`, an out-of-bounds access, a stack overflow...), or could
     /// not be instantiated.
     Trap,
-    /// The evaluation ran past its 10 ms deadline and was interrupted.
+    /// The evaluation used its 10 ms of CPU (or hit the 250 ms wall-clock backstop) and was
+    /// interrupted.
     Deadline,
     /// The module needed more than its 16 MiB (or could not allocate room for the input).
     Memory,
