@@ -54,7 +54,7 @@ started=$SECONDS
     env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET_DIR \
         -u RUSTC_WRAPPER -u RUSTC_WORKSPACE_WRAPPER -u CARGO_BUILD_RUSTC_WRAPPER \
         PATH=/usr/bin:/bin RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
-        /usr/bin/cargo build --release --locked --target wasm32-unknown-unknown \
+        /usr/bin/cargo build --release --target wasm32-unknown-unknown \
         -Zbuild-std=std,panic_abort
 )
 
@@ -79,6 +79,14 @@ publish "$POLICIES/authz/vectors.json" authz.vectors.json
 publish "$POLICIES/examples/banned-word-c/vectors.json" banned-word-c.vectors.json
 
 MODULES=("$DIST/schema.wasm" "$DIST/authz.wasm" "$DIST/banned-word-c.wasm")
+# Operators' own rules: policies/rules/<name>/ → dist/<name>.wasm (+ vectors).
+for rule in "$POLICIES"/rules/*/; do
+    [ -f "$rule/Cargo.toml" ] || continue
+    name="$(basename "$rule")"
+    publish "$WASM_OUT/${name//-/_}.wasm" "$name.wasm"
+    if [ -f "$rule/vectors.json" ]; then publish "$rule/vectors.json" "$name.vectors.json"; fi
+    MODULES+=("$DIST/$name.wasm")
+done
 python3 "$POLICIES/tools/check-wasm.py" "${MODULES[@]}" || {
     say "a module breaks the ABI (see above)"
     exit 1

@@ -41,7 +41,8 @@ pub enum PolicyCommand {
     },
     /// Show the active chain and what each gateway runs.
     List,
-    /// Put policy NAME back on the module it had before its last push.
+    /// Put policy NAME back on the module it had before its last push (or take it out of the
+    /// chain if it has only ever had one).
     Rollback { name: String },
     /// Time the evaluation of the chain in the given directory on a representative message.
     Bench {
@@ -93,16 +94,17 @@ pub async fn run(command: PolicyCommand, nats_url: String) -> anyhow::Result<()>
         PolicyCommand::List => list(&store(&nats_url).await?).await,
         PolicyCommand::Rollback { name } => {
             let chain = store(&nats_url).await?.rollback(&name).await?;
-            let entry = chain
-                .policies
-                .iter()
-                .find(|p| p.name == name)
-                .context("policy vanished")?;
-            println!(
-                "rolled {name} back to {} (chain version {})",
-                short(&entry.digest),
-                chain.version
-            );
+            match chain.policies.iter().find(|p| p.name == name) {
+                Some(entry) => println!(
+                    "rolled {name} back to {} (chain version {})",
+                    short(&entry.digest),
+                    chain.version
+                ),
+                None => println!(
+                    "removed {name} from the chain (chain version {})",
+                    chain.version
+                ),
+            }
             Ok(())
         }
     }

@@ -204,20 +204,25 @@ impl PolicyStore {
         .await
     }
 
-    /// Puts policy `name` back on the digest it had before its last change.
+    /// Puts policy `name` back on the digest it had before its last change; a policy that was
+    /// never changed since it was added is taken out of the chain (the chain before it).
     pub async fn rollback(&self, name: &str) -> anyhow::Result<Chain> {
         self.change(|chain| {
-            let entry = chain
+            let position = chain
                 .policies
-                .iter_mut()
-                .find(|p| p.name == name)
+                .iter()
+                .position(|p| p.name == name)
                 .with_context(|| format!("no policy named {name} in the chain"))?;
-            let previous = entry
-                .previous
-                .pop()
-                .with_context(|| format!("policy {name} has no earlier version to roll back to"))?;
-            entry.digest = previous;
-            entry.activated_at = Utc::now();
+            let entry = &mut chain.policies[position];
+            match entry.previous.pop() {
+                Some(previous) => {
+                    entry.digest = previous;
+                    entry.activated_at = Utc::now();
+                }
+                None => {
+                    chain.policies.remove(position);
+                }
+            }
             Ok(())
         })
         .await
