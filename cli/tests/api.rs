@@ -568,12 +568,11 @@ async fn membership_changes_take_effect_on_the_next_send() {
     );
 
     let response = system
-        .http
-        .delete(system.url(&format!("/v1/conversations/{conversation}/members/bob")))
-        .bearer_auth(system.token("alice"))
-        .send()
-        .await
-        .unwrap();
+        .delete(
+            "alice",
+            &format!("/v1/conversations/{conversation}/members/bob"),
+        )
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         code_of(&system, "bob", text(conversation, "still here?"))
@@ -708,12 +707,11 @@ async fn a_change_made_through_one_gateway_reaches_another_gateways_cache() {
 
     // Bob is removed through the first gateway; the second hears of it over NATS.
     let removed = system
-        .http
-        .delete(system.url(&format!("/v1/conversations/{conversation}/members/bob")))
-        .bearer_auth(system.token("alice"))
-        .send()
-        .await
-        .unwrap();
+        .delete(
+            "alice",
+            &format!("/v1/conversations/{conversation}/members/bob"),
+        )
+        .await;
     assert_eq!(removed.status(), 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {

@@ -203,6 +203,15 @@ impl System {
             .expect("request completes")
     }
 
+    pub async fn delete(&self, user: &str, path: &str) -> reqwest::Response {
+        self.http
+            .delete(self.url(path))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .expect("request completes")
+    }
+
     /// Creates a conversation through the API and returns its id.
     pub async fn conversation(&self, creator: &str, kind: &str, members: &[&str]) -> Uuid {
         let response = self
