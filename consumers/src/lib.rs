@@ -1,11 +1,13 @@
 //! The delivery consumers: the cold path that turns the `MESSAGES` stream into rows in
-//! Postgres, in order and exactly once.
+//! Postgres, in order and exactly once, and then tells connected users.
 //!
 //! [`run`] starts one [`partition::PartitionWorker`] per partition this replica owns (all of
 //! them by default; replica k of n owns p where p mod n == k) and reports consumer lag.
-//! [`persist`] holds the single-statement batch insert that makes replays harmless.
+//! [`persist`] holds the single-statement batch insert that makes replays harmless;
+//! [`fanout`] publishes what was persisted to the recipients' socket nodes.
 
 mod dlq;
+pub mod fanout;
 mod metrics;
 pub mod partition;
 pub mod persist;
@@ -33,8 +35,9 @@ pub async fn run(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let js = jetstream::new(nats);
+    let js = jetstream::new(nats.clone());
     let metrics = DeliveryMetrics::new();
+    let presence = fanout::PresenceLookup::new(js.clone(), config.presence_ttl());
     let partitions = config.owned_partitions();
     let shared_config = std::sync::Arc::new(config.clone());
     let mut workers = JoinSet::new();
@@ -46,6 +49,7 @@ pub async fn run(
             metrics.clone(),
             shutdown.clone(),
         );
+        let fanout = fanout::spawn(partition, nats.clone(), presence.clone(), metrics.clone());
         workers.spawn(async move {
             // Creating the consumer needs NATS: keep trying (NATS may be restarting) rather
             // than leave this partition without a worker.
@@ -64,6 +68,7 @@ pub async fn run(
                     .clamp(Duration::from_millis(100), Duration::from_secs(5)),
                 config,
                 metrics,
+                fanout,
             };
             worker.run(shutdown).await;
         });

@@ -16,6 +16,9 @@ pub struct DeliveryMetrics {
     pub dlq_total: Counter<u64>,
     pub consumer_pending: Gauge<u64>,
     pub consumer_ack_pending: Gauge<u64>,
+    pub fanout_attempted_total: Counter<u64>,
+    pub fanout_delivered_total: Counter<u64>,
+    pub fanout_failed_total: Counter<u64>,
 }
 
 impl DeliveryMetrics {
@@ -71,6 +74,44 @@ impl DeliveryMetrics {
                     "Messages delivered to the partition's consumer and not yet acknowledged",
                 )
                 .build(),
+            fanout_attempted_total: meter
+                .u64_counter("delivery_fanout_attempted_total")
+                .with_description("Recipients a persisted message was fanned out to, by presence")
+                .build(),
+            fanout_delivered_total: meter
+                .u64_counter("delivery_fanout_delivered_total")
+                .with_description(
+                    "Online recipients a message was published to, by their open socket count",
+                )
+                .build(),
+            fanout_failed_total: meter
+                .u64_counter("delivery_fanout_failed_total")
+                .with_description("Fanout steps that failed, by reason")
+                .build(),
+        }
+    }
+
+    /// `recipient_status`: `online` or `offline`, as presence said.
+    pub fn fanout_attempted(&self, recipient_status: &'static str) {
+        self.fanout_attempted_total
+            .add(1, &[KeyValue::new("recipient_status", recipient_status)]);
+    }
+
+    /// `socket_count`: 1 to 9, then `10+` (bounded label values).
+    pub fn fanout_delivered(&self, sockets: u32) {
+        let socket_count = if sockets >= 10 {
+            "10+".to_string()
+        } else {
+            sockets.to_string()
+        };
+        self.fanout_delivered_total
+            .add(1, &[KeyValue::new("socket_count", socket_count)]);
+    }
+
+    pub fn fanout_failed(&self, reason: &'static str, count: u64) {
+        if count > 0 {
+            self.fanout_failed_total
+                .add(count, &[KeyValue::new("reason", reason)]);
         }
     }
 

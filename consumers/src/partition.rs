@@ -1,4 +1,5 @@
-//! One partition's delivery worker: fetch a batch, persist it, acknowledge it, repeat.
+//! One partition's delivery worker: fetch a batch, persist it, acknowledge it, hand what was
+//! new to fanout (which runs on its own task, see [`crate::fanout`]), repeat.
 //!
 //! Exactly one batch is in flight per partition, and the next is fetched only after the
 //! previous one is settled, so the stream's order is the persist order. (The consumer's
@@ -40,6 +41,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::dlq::{self, DeadLetter};
+use crate::fanout::{FanoutQueue, Persisted};
 use crate::metrics::DeliveryMetrics;
 use crate::persist::{self, Row};
 
@@ -55,6 +57,8 @@ pub struct PartitionWorker {
     /// Longest pause between retries while Postgres is away; kept well under the ack wait so
     /// the in-progress signal always arrives in time.
     pub max_retry_delay: Duration,
+    /// Where newly persisted messages go to be told to connected users.
+    pub fanout: FanoutQueue,
 }
 
 /// A fetched message whose envelope could be read.
@@ -351,7 +355,9 @@ impl PartitionWorker {
         }
     }
 
-    /// Acknowledges what was stored (or already stored); sets aside what can never be.
+    /// Acknowledges what was stored (or already stored); sets aside what can never be; then
+    /// hands the newly stored messages, in stream (= seq) order, to fanout without waiting on
+    /// it. Duplicates are not fanned out again: they were when first stored.
     async fn settle(&self, slice: &[Item], outcome: persist::Outcome) {
         let started = Instant::now();
         let now = chrono::Utc::now();
@@ -392,6 +398,18 @@ impl PartitionWorker {
             .processed(self.partition, "success", inserted + duplicates);
         self.metrics
             .step("ack", started.elapsed().as_secs_f64() * 1000.0);
+
+        let mut fresh: Vec<(usize, i64)> = outcome.inserted.into_iter().collect();
+        fresh.sort_unstable();
+        self.fanout.hand_off(
+            fresh
+                .into_iter()
+                .map(|(index, seq)| Persisted {
+                    envelope: slice[index].envelope.clone(),
+                    seq,
+                })
+                .collect(),
+        );
     }
 
     async fn ack(&self, message: &Message) {

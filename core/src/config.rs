@@ -100,6 +100,26 @@ pub struct Config {
     /// Number n of consumer replicas.
     #[arg(long, env = "HOTPATH_CONSUMER_REPLICAS", default_value_t = 1)]
     pub consumer_replicas: u32,
+
+    /// Frames waiting to be written to one WebSocket. A client that falls this far behind is
+    /// disconnected (close code 1008) rather than allowed to grow the gateway's memory.
+    #[arg(long, env = "HOTPATH_WS_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub ws_outbound_queue: usize,
+
+    /// Seconds between the pings a gateway sends on each WebSocket.
+    #[arg(long, env = "HOTPATH_WS_PING_INTERVAL_SECS", default_value_t = 20)]
+    pub ws_ping_interval_secs: u64,
+
+    /// A WebSocket from which nothing (not even a pong) arrived for this many seconds is
+    /// closed as dead.
+    #[arg(long, env = "HOTPATH_WS_HEARTBEAT_TIMEOUT_SECS", default_value_t = 60)]
+    pub ws_heartbeat_timeout_secs: u64,
+
+    /// How long a socket node's presence entry outlives its last refresh (the `PRESENCE`
+    /// bucket's max age); nodes refresh every third of it, so a dead node's entries vanish
+    /// within this time.
+    #[arg(long, env = "HOTPATH_PRESENCE_TTL_SECS", default_value_t = 30)]
+    pub presence_ttl_secs: u64,
 }
 
 #[derive(Parser)]
@@ -124,6 +144,19 @@ impl Config {
 
     pub fn facts_ttl(&self) -> Duration {
         Duration::from_secs(self.facts_ttl_secs)
+    }
+
+    pub fn ws_ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ws_ping_interval_secs.max(1))
+    }
+
+    pub fn ws_heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs(self.ws_heartbeat_timeout_secs.max(1))
+    }
+
+    pub fn presence_ttl(&self) -> Duration {
+        // Below 3 s the refresh (every third) would be sub-second: not worth the traffic.
+        Duration::from_secs(self.presence_ttl_secs.max(3))
     }
 
     /// The partitions this consumer replica owns.
@@ -170,6 +203,12 @@ impl fmt::Display for Config {
         writeln!(f, "facts_ttl_secs={}", self.facts_ttl_secs)?;
         writeln!(f, "db_max_connections={}", self.db_max_connections)?;
         writeln!(f, "policy_dir={}", self.policy_dir.display())?;
+        writeln!(
+            f,
+            "ws_outbound_queue={} ws_ping_interval_secs={} ws_heartbeat_timeout_secs={}",
+            self.ws_outbound_queue, self.ws_ping_interval_secs, self.ws_heartbeat_timeout_secs
+        )?;
+        writeln!(f, "presence_ttl_secs={}", self.presence_ttl_secs)?;
         write!(
             f,
             "consumer_replica={}/{}",

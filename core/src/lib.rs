@@ -1,15 +1,18 @@
 //! The small library every Hotpath role links: what a message looks like on the stream
 //! ([`envelope`]), where it goes ([`names`]), how its ids are derived ([`ids`]), how a rejection
-//! looks on the wire ([`rejection`]), how callers prove who they are ([`auth`]), and the shared
+//! looks on the wire ([`rejection`]), how callers prove who they are ([`auth`]), what connected
+//! users are told ([`events`]) and where they are connected ([`presence`]), and the shared
 //! plumbing for configuration, telemetry, Postgres and JetStream set-up.
 
 pub mod auth;
 pub mod config;
 pub mod db;
 pub mod envelope;
+pub mod events;
 pub mod ids;
 pub mod names;
 pub mod policy_store;
+pub mod presence;
 pub mod rejection;
 pub mod streams;
 pub mod telemetry;

@@ -13,6 +13,9 @@ pub const DLQ_STREAM: &str = "DLQ";
 /// NATS core subject on which fact changes (conversations, members, blocks) are announced so
 /// that every gateway drops its cached copy.
 pub const FACTS_INVALIDATE_SUBJECT: &str = "hotpath.facts.invalidate";
+/// KV bucket saying which socket nodes hold a user's open WebSockets (see
+/// [`crate::presence`]).
+pub const PRESENCE_BUCKET: &str = "PRESENCE";
 
 /// Subject a message of `partition` is published to.
 pub fn message_subject(partition: u32) -> String {
@@ -27,6 +30,36 @@ pub fn delivery_consumer(partition: u32) -> String {
 /// DLQ subject for what failed in `source` (for example `messages`).
 pub fn dlq_subject(source: &str) -> String {
     format!("dlq.{source}")
+}
+
+/// NATS core subject carrying what a connected user should see (`message.new`,
+/// `message.state.changed`): every socket node with one of the user's WebSockets subscribes to
+/// it, and the delivery consumers publish to it.
+pub fn deliver_subject(user_id: &str) -> String {
+    format!("deliver.user.{}", user_token(user_id))
+}
+
+/// The user's key in [`PRESENCE_BUCKET`].
+pub fn presence_key(user_id: &str) -> String {
+    user_token(user_id)
+}
+
+/// A user id as a single token that is valid both in a NATS subject and as a KV key.
+///
+/// User ids may hold `.`, `@` and `:` (see `auth::is_valid_user_id`); a `.` would split a
+/// subject into several tokens, and KV keys allow only `[-/_=.a-zA-Z0-9]`. So every byte
+/// outside `[A-Za-z0-9_-]` becomes `=` and two uppercase hex digits (`=` itself included),
+/// which keeps the common ids readable (`alice` stays `alice`) and the mapping one-to-one.
+pub fn user_token(user_id: &str) -> String {
+    let mut token = String::with_capacity(user_id.len());
+    for byte in user_id.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("={byte:02X}"));
+        }
+    }
+    token
 }
 
 /// The partition a conversation belongs to: the first eight bytes of SHA-256 over its id,
@@ -58,6 +91,22 @@ mod tests {
         assert!(p < 16);
         assert_eq!(p, partition_of("3f1c2a8e-0000-4000-8000-000000000001", 16));
         assert_eq!(partition_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn user_tokens_are_single_subject_tokens_and_valid_kv_keys() {
+        assert_eq!(user_token("alice"), "alice");
+        assert_eq!(user_token("user_1-x"), "user_1-x");
+        assert_eq!(user_token("a.b@c:d"), "a=2Eb=40c=3Ad");
+        // `=` is escaped too, so two different ids never share a token.
+        assert_ne!(user_token("a=2E"), user_token("a."));
+        assert_eq!(deliver_subject("bob.smith"), "deliver.user.bob=2Esmith");
+        let kv_key = |k: &str| {
+            k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b))
+        };
+        assert!(kv_key(&presence_key("x.y@z:1")));
+        assert!(!presence_key("x.y").contains('.'));
     }
 
     #[test]

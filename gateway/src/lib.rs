@@ -1,7 +1,8 @@
 //! The gateway: the hot path from an HTTP request to a message in JetStream, plus the small
-//! APIs around it (conversations, status, history, health, metrics).
+//! APIs around it (conversations, status, history, health, metrics), and the socket node that
+//! holds users' WebSockets and delivers to them.
 //!
-//! Start reading at [`routes::send`], which tells the hot path in order.
+//! Start reading at [`routes::send`], which tells the hot path in order, then [`socket`].
 
 pub mod facts;
 mod http;
@@ -10,6 +11,7 @@ pub mod policies;
 mod producer;
 mod rate_limit;
 pub mod routes;
+pub mod socket;
 mod state;
 
 use axum::Router;
@@ -17,14 +19,16 @@ use axum::routing::{delete, get, post};
 use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
 use hotpath_core::names::FACTS_INVALIDATE_SUBJECT;
+use hotpath_core::presence::Presence;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use socket::SocketNode;
 pub use state::AppState;
 
 /// Builds the gateway's router and starts its background work (listening for fact changes,
-/// rate-limiter housekeeping), which stops when `shutdown` is cancelled.
+/// rate-limiter housekeeping, refreshing presence), which stops when `shutdown` is cancelled.
 pub async fn router(
     config: Config,
     verifier: TokenVerifier,
@@ -32,13 +36,17 @@ pub async fn router(
     nats: async_nats::Client,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Router> {
-    let state = AppState::new(config, verifier, pool, nats.clone());
+    let js = async_nats::jetstream::new(nats.clone());
+    // This gateway's name in policy reports and as a socket node in presence.
+    let gateway_id = format!("gateway-{}", uuid::Uuid::new_v4().simple());
+    let presence = Presence::open(&js, config.presence_ttl()).await?;
+    let sockets = SocketNode::new(gateway_id.clone(), nats.clone(), presence, shutdown.clone());
+    tokio::spawn(sockets.clone().refresh_presence());
+    let state = AppState::new(config, verifier, pool, nats.clone(), sockets);
 
     // The policy chain, loaded before the router exists so the gateway is ready only with it.
-    let js = async_nats::jetstream::new(nats.clone());
     let store = hotpath_core::policy_store::PolicyStore::open(&js).await?;
     let engine = hotpath_policy_host::PolicyEngine::new()?;
-    let gateway_id = format!("gateway-{}", uuid::Uuid::new_v4().simple());
     policies::sync::PolicySync::new(
         engine,
         store,
@@ -87,6 +95,7 @@ pub async fn router(
             post(routes::conversations::deactivate),
         )
         .route("/v1/blocks", post(routes::conversations::block))
+        .route("/v1/ws", get(routes::ws::upgrade))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))

@@ -15,6 +15,7 @@ use crate::metrics::ProducerMetrics;
 use crate::policies::{ActiveChain, PolicyMetrics};
 use crate::producer::Producer;
 use crate::rate_limit::RateLimit;
+use crate::socket::SocketNode;
 
 /// A message this gateway accepted that may not be in Postgres yet: lets the status route
 /// answer `pending` instead of 404 in the moment between 202 and persist.
@@ -41,6 +42,8 @@ pub struct AppState {
     /// One permit per send being handled: the load-shedding bound.
     pub send_slots: Arc<tokio::sync::Semaphore>,
     pub metrics: ProducerMetrics,
+    /// This gateway's WebSockets, by user.
+    pub sockets: SocketNode,
 }
 
 impl AppState {
@@ -49,6 +52,7 @@ impl AppState {
         verifier: TokenVerifier,
         pool: PgPool,
         nats: async_nats::Client,
+        sockets: SocketNode,
     ) -> AppState {
         let facts = Facts::new(pool.clone(), nats.clone(), config.facts_ttl());
         let producer = Producer::new(nats.clone(), config.partitions, config.publish_timeout());
@@ -70,6 +74,7 @@ impl AppState {
             send_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_in_flight_sends.max(1),
             )),
+            sockets,
             config: Arc::new(config),
         }
     }

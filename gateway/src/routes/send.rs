@@ -3,6 +3,9 @@
 //! shed load if full → authenticate → rate limit → read a bounded body → load facts from the cache → run the check
 //! chain → derive the idempotency key and message id → publish to JetStream → 202 `pending`.
 //! Nothing here writes to Postgres; persisting is the consumers' job.
+//!
+//! A `send` frame on a WebSocket (`routes::ws`) takes the same path from [`accept`] on: only
+//! how the user and the body arrive differs.
 
 use std::time::Instant;
 
@@ -17,6 +20,7 @@ use hotpath_core::ids::{idempotency_key, message_id};
 use hotpath_core::rejection::Rejection;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
 use crate::http::{ApiError, authenticate, read_json, typed};
@@ -60,7 +64,7 @@ pub struct Guidance {
 pub async fn send(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let millis = || started.elapsed().as_secs_f64() * 1000.0;
-    match accept(&state, &headers, body).await {
+    match accept_http(&state, &headers, body).await {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
         Err(rejection) => {
             state.metrics.rejected(&rejection, millis());
@@ -69,8 +73,8 @@ pub async fn send(State(state): State<AppState>, headers: HeaderMap, body: Body)
     }
 }
 
-/// Turns one request into an accepted message or a rejection.
-async fn accept(
+/// The HTTP framing of a send: what must happen before the body is even read.
+async fn accept_http(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -78,12 +82,7 @@ async fn accept(
     let started = Instant::now();
 
     // 0. Too many sends in progress: answer at once rather than queue until clients time out.
-    let Ok(_slot) = state.send_slots.clone().try_acquire_owned() else {
-        return Err(Rejection::ServiceUnavailable {
-            reason: "the gateway is at capacity".into(),
-            retry_after_secs: 1,
-        });
-    };
+    let _slot = send_slot(state)?;
 
     // 1. Who is sending: the token's subject, never a body field.
     let user_id = authenticate(state, headers)?;
@@ -91,6 +90,35 @@ async fn accept(
 
     // 2. The body, bounded before parsing.
     let request = read_json(headers, body, state.config.max_body_bytes).await?;
+
+    accept(state, &user_id, request, correlation_id(headers), started).await
+}
+
+/// One permit of the gateway's in-flight bound, or 503 at once when it is used up. Held for
+/// the whole send.
+pub fn send_slot(state: &AppState) -> Result<OwnedSemaphorePermit, Rejection> {
+    state
+        .send_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Rejection::ServiceUnavailable {
+            reason: "the gateway is at capacity".into(),
+            retry_after_secs: 1,
+        })
+}
+
+/// Turns one already-read request of an authenticated user into an accepted message or a
+/// rejection. HTTP (`POST /v1/messages`) and WebSocket (`send` frames) both end up here, after
+/// each has taken a send slot and checked the user's rate; `started` is when the caller began
+/// handling the send, for the duration metric.
+pub async fn accept(
+    state: &AppState,
+    user_id: &str,
+    request: Value,
+    correlation_id: Uuid,
+    started: Instant,
+) -> Result<SendAccepted, Rejection> {
+    let user_id = user_id.to_string();
 
     // 3. Facts for the checks, from memory on a warm path. A conversation id that is not a
     //    UUID cannot exist, so it costs no lookup.
@@ -138,7 +166,6 @@ async fn accept(
         accepted_at.timestamp(),
     );
     let message_id = message_id(&key);
-    let correlation_id = correlation_id(headers);
     let recipient_ids = request.recipient_ids.unwrap_or_else(|| {
         conversation
             .active_members

@@ -1,0 +1,691 @@
+//! Real-time delivery over `GET /v1/ws`, against real NATS and Postgres and real gateways:
+//! live `message.new` across gateways, state changes to the sender, several sockets per user,
+//! catch-up with `sync`, sends over the socket, slow clients, heartbeats, presence.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::{SinkExt, StreamExt};
+use hotpath_core::presence::{Presence, PresenceRecord};
+use serde_json::{Value, json};
+use support::{System, text};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a test waits for a frame that should come.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn ws_url(base: &str, token: &str) -> String {
+    format!(
+        "{}/v1/ws?token={token}",
+        base.replacen("http://", "ws://", 1)
+    )
+}
+
+/// Opens a socket for `user` on the gateway at `base` and waits until the gateway serves it
+/// (a ping answered means the socket is registered and its presence written).
+async fn connect(system: &System, base: &str, user: &str) -> Socket {
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws_url(base, &system.token(user)))
+        .await
+        .expect("websocket opens");
+    ping(&mut socket).await;
+    socket
+}
+
+async fn ping(socket: &mut Socket) {
+    send_frame(socket, json!({"type": "ping", "reqId": "ready"})).await;
+    let pong = next_frame(socket).await;
+    assert_eq!(pong, json!({"type": "pong", "reqId": "ready"}));
+}
+
+async fn send_frame(socket: &mut Socket, frame: Value) {
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .expect("frame sent");
+}
+
+/// The next JSON frame (pings and pongs of the WebSocket layer skipped).
+async fn next_frame(socket: &mut Socket) -> Value {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(&text).expect("frames are JSON");
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a frame arrives in time")
+}
+
+/// The next frame of `kind`, skipping others (a sender also sees its state changes).
+async fn next_of(socket: &mut Socket, kind: &str) -> Value {
+    loop {
+        let frame = next_frame(socket).await;
+        if frame["type"] == kind {
+            return frame;
+        }
+    }
+}
+
+/// Sends `count` messages as `sender` over HTTP, numbered from `first`, and returns their ids.
+async fn send_many(
+    system: &System,
+    sender: &str,
+    conversation: Uuid,
+    first: usize,
+    count: usize,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(count);
+    for i in first..first + count {
+        let (status, ack) = system
+            .send(sender, text(conversation, &format!("m-{i}")))
+            .await;
+        assert_eq!(status, 202, "{ack}");
+        ids.push(ack["messageId"].as_str().expect("messageId").to_string());
+    }
+    ids
+}
+
+/// A second gateway process on the same NATS and Postgres, as a load balancer would see it.
+async fn second_gateway(system: &System) -> (String, CancellationToken) {
+    let stop = CancellationToken::new();
+    let (addr, _task) = hotpath::roles::spawn_gateway(system.config.clone(), stop.clone())
+        .await
+        .expect("second gateway starts");
+    (format!("http://{addr}"), stop)
+}
+
+async fn presence(system: &System) -> Presence {
+    let nats = async_nats::connect(system.config.nats_url.as_str())
+        .await
+        .expect("nats");
+    Presence::open(&jetstream::new(nats), system.config.presence_ttl())
+        .await
+        .expect("presence bucket")
+}
+
+/// Waits until the user's stored presence satisfies `done`, and returns it.
+async fn presence_until(
+    presence: &Presence,
+    user: &str,
+    done: impl Fn(&Option<PresenceRecord>) -> bool,
+) -> Option<PresenceRecord> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let record = presence.record(user).await.expect("presence readable");
+        if done(&record) {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence of {user} stayed {record:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// This process's metrics (gateways and consumers of every test here share one registry).
+async fn metrics(system: &System) -> String {
+    system
+        .http
+        .get(system.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+fn has_metric(metrics: &str, name: &str, label: &str) -> bool {
+    metrics
+        .lines()
+        .any(|l| l.starts_with(name) && l.contains(label))
+}
+
+fn seq_and_content(frame: &Value) -> (i64, String) {
+    assert_eq!(frame["type"], "message.new", "{frame}");
+    let message = &frame["message"];
+    (
+        message["seq"].as_i64().expect("seq"),
+        message["content"].as_str().expect("content").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_on_another_gateway_gets_each_message_once_in_seq_order() {
+    let system = System::start().await;
+    let (other_gateway, _stop) = second_gateway(&system).await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut bob = connect(&system, &other_gateway, "bob").await;
+
+    let ids = send_many(&system, "alice", conversation, 1, 20).await;
+
+    for (i, id) in ids.iter().enumerate() {
+        let frame = next_frame(&mut bob).await;
+        let (seq, content) = seq_and_content(&frame);
+        assert_eq!(seq, i as i64 + 1);
+        assert_eq!(content, format!("m-{}", i + 1));
+        let message = &frame["message"];
+        assert_eq!(message["messageId"], id.as_str());
+        assert_eq!(message["conversationId"], conversation.to_string());
+        assert_eq!(message["senderId"], "alice");
+        assert_eq!(message["contentType"], "text");
+        assert_eq!(message["metadata"], json!({}));
+        assert!(message["acceptedAt"].is_string());
+    }
+    // Nothing was delivered twice: the very next frame is the next message.
+    send_many(&system, "alice", conversation, 21, 1).await;
+    assert_eq!(
+        seq_and_content(&next_frame(&mut bob).await),
+        (21, "m-21".into())
+    );
+    let metrics = metrics(&system).await;
+    for (name, label) in [
+        (
+            "delivery_fanout_attempted_total",
+            "recipient_status=\"online\"",
+        ),
+        ("delivery_fanout_delivered_total", "socket_count=\"1\""),
+    ] {
+        assert!(has_metric(&metrics, name, label), "{name}{{{label}}}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_is_told_when_its_message_is_sent_and_offline_recipients_are_counted() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+
+    let ids = send_many(&system, "alice", conversation, 1, 2).await;
+
+    for (i, id) in ids.iter().enumerate() {
+        let frame = next_frame(&mut alice).await;
+        assert_eq!(
+            frame,
+            json!({"type": "message.state.changed", "messageId": id,
+                   "conversationId": conversation.to_string(), "state": "sent", "seq": i + 1})
+        );
+    }
+    // Bob never connected: he counts as offline (left for catch-up; no push sender yet).
+    let metrics = metrics(&system).await;
+    assert!(
+        has_metric(
+            &metrics,
+            "delivery_fanout_attempted_total",
+            "recipient_status=\"offline\""
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_socket_of_a_user_gets_the_message_once() {
+    let system = System::start().await;
+    let (other_gateway, _stop) = second_gateway(&system).await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    // Two sockets on one gateway (one shared subscription) and one on the other.
+    let mut sockets = vec![
+        connect(&system, &system.base, "bob").await,
+        connect(&system, &system.base, "bob").await,
+        connect(&system, &other_gateway, "bob").await,
+    ];
+
+    send_many(&system, "alice", conversation, 1, 3).await;
+
+    for socket in &mut sockets {
+        for seq in 1..=3 {
+            assert_eq!(
+                seq_and_content(&next_frame(socket).await),
+                (seq, format!("m-{seq}"))
+            );
+        }
+    }
+    // Closing one socket leaves the others (and the shared subscription) working.
+    let mut first = sockets.remove(0);
+    first.close(None).await.expect("closed");
+    send_many(&system, "alice", conversation, 4, 1).await;
+    for socket in &mut sockets {
+        assert_eq!(
+            seq_and_content(&next_frame(socket).await),
+            (4, "m-4".into())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_catches_up_with_sync_then_hears_live_messages() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut bob = connect(&system, &system.base, "bob").await;
+    send_many(&system, "alice", conversation, 1, 1).await;
+    assert_eq!(
+        seq_and_content(&next_frame(&mut bob).await),
+        (1, "m-1".into())
+    );
+    bob.close(None).await.expect("closed");
+    drop(bob);
+
+    // While bob is away: 100 messages, more than one page of catch-up.
+    send_many(&system, "alice", conversation, 2, 100).await;
+    assert_eq!(
+        system.wait_for_messages(101, PATIENCE).await,
+        101,
+        "all persisted"
+    );
+
+    let mut bob = connect(&system, &system.base, "bob").await;
+    send_frame(
+        &mut bob,
+        json!({"type": "sync", "reqId": "s1", "conversationId": conversation, "afterSeq": 1}),
+    )
+    .await;
+    for seq in 2..=101 {
+        assert_eq!(
+            seq_and_content(&next_frame(&mut bob).await),
+            (seq, format!("m-{seq}"))
+        );
+    }
+    assert_eq!(
+        next_frame(&mut bob).await,
+        json!({"type": "sync.done", "reqId": "s1", "conversationId": conversation, "lastSeq": 101})
+    );
+
+    send_many(&system, "alice", conversation, 102, 1).await;
+    assert_eq!(
+        seq_and_content(&next_frame(&mut bob).await),
+        (102, "m-102".into())
+    );
+
+    // A conversation bob is not in cannot be synced.
+    let other = system.conversation("carol", "group", &["dave"]).await;
+    send_frame(
+        &mut bob,
+        json!({"type": "sync", "reqId": "s2", "conversationId": other, "afterSeq": 0}),
+    )
+    .await;
+    let refused = next_frame(&mut bob).await;
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["reqId"], "s2");
+    assert_eq!(refused["error"]["code"], "NOT_CONVERSATION_MEMBER");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_over_the_socket_is_answered_like_http_and_bad_frames_get_error_frames() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+
+    // The same send over HTTP and over the socket: the same answer, field for field.
+    let mut body = text(conversation, "over http");
+    body["clientMessageId"] = json!("http-1");
+    let (status, http_ack) = system.send("alice", body).await;
+    assert_eq!(status, 202);
+    let mut frame = text(conversation, "over the socket");
+    frame["type"] = json!("send");
+    frame["reqId"] = json!("r1");
+    frame["clientMessageId"] = json!("ws-1");
+    send_frame(&mut alice, frame.clone()).await;
+    // The ack, and (once persisted) the state change: live frames and replies are not ordered
+    // with respect to each other, so take them as they come.
+    let mut ack = Value::Null;
+    let mut sent = Value::Null;
+    while ack.is_null() || sent.is_null() {
+        let next = next_frame(&mut alice).await;
+        match next["type"].as_str() {
+            Some("send.ack") => ack = next,
+            Some("message.state.changed") if next["conversationId"] == conversation.to_string() => {
+                if next["seq"] == 2 {
+                    sent = next;
+                }
+            }
+            _ => panic!("unexpected {next}"),
+        }
+    }
+    assert_eq!(ack["reqId"], "r1");
+    assert_eq!(ack["state"], "pending");
+    assert_eq!(ack["idempotentHit"], false);
+    assert_eq!(ack["guidance"], {
+        let mut guidance = http_ack["guidance"].clone();
+        guidance["pollingEndpoint"] = json!(format!(
+            "/v1/messages/{}/status",
+            ack["messageId"].as_str().unwrap()
+        ));
+        guidance
+    });
+    let keys = |v: &Value| {
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.retain(|k| k != "type" && k != "reqId");
+        keys.sort();
+        keys
+    };
+    assert_eq!(keys(&ack), keys(&http_ack));
+    // It is a real send: persisted (seq 2, after the HTTP one), and the sender is told so.
+    assert_eq!(sent["messageId"], ack["messageId"]);
+    assert_eq!(sent["state"], "sent");
+    // Retrying it is an idempotent hit, as over HTTP.
+    frame["reqId"] = json!("r2");
+    send_frame(&mut alice, frame).await;
+    let retry = next_of(&mut alice, "send.ack").await;
+    assert_eq!(retry["reqId"], "r2");
+    assert_eq!(retry["idempotentHit"], true);
+    assert_eq!(retry["messageId"], ack["messageId"]);
+
+    // Refused sends carry the HTTP code for the same body.
+    for body in [
+        json!({"conversationId": conversation, "contentType": "text"}),
+        json!({"conversationId": conversation, "content": 5, "contentType": "text"}),
+        json!({"conversationId": Uuid::new_v4(), "content": "x", "contentType": "text"}),
+    ] {
+        let (_, http_error) = system.send("alice", body.clone()).await;
+        let mut frame = body;
+        frame["type"] = json!("send");
+        frame["reqId"] = json!("bad");
+        send_frame(&mut alice, frame).await;
+        let error = next_of(&mut alice, "error").await;
+        assert_eq!(error["reqId"], "bad");
+        assert_eq!(error["error"], http_error["error"]);
+    }
+    let (_, http_error) = system
+        .send("mallory", text(conversation, "not a member"))
+        .await;
+    let mut mallory = connect(&system, &system.base, "mallory").await;
+    let mut frame = text(conversation, "not a member");
+    frame["type"] = json!("send");
+    send_frame(&mut mallory, frame).await;
+    let error = next_of(&mut mallory, "error").await;
+    assert_eq!(error["error"]["code"], "NOT_CONVERSATION_MEMBER");
+    assert_eq!(error["error"], http_error["error"]);
+
+    // Frames that are not understood get an error frame, and the socket stays open.
+    let refusals = [
+        (Message::Text("not json".into()), "INVALID_SCHEMA"),
+        (Message::Text("[1, 2]".into()), "INVALID_SCHEMA"),
+        (
+            Message::Text(r#"{"type": "dance"}"#.into()),
+            "INVALID_SCHEMA",
+        ),
+        (
+            Message::Text(r#"{"content": "no type"}"#.into()),
+            "MISSING_REQUIRED_FIELD",
+        ),
+        (Message::Binary(vec![1, 2, 3].into()), "INVALID_SCHEMA"),
+        (
+            Message::Text(
+                json!({"type": "send", "content": "x".repeat(system.config.max_body_bytes)})
+                    .to_string()
+                    .into(),
+            ),
+            "PAYLOAD_TOO_LARGE",
+        ),
+    ];
+    for (message, code) in refusals {
+        alice.send(message).await.expect("frame sent");
+        let error = next_of(&mut alice, "error").await;
+        assert_eq!(error["error"]["code"], code, "{error}");
+    }
+    ping(&mut alice).await;
+
+    // A frame beyond what the WebSocket layer reads at all: told why, then closed with 1009.
+    let huge = "x".repeat(system.config.max_body_bytes * 8);
+    alice
+        .send(Message::Text(huge.into()))
+        .await
+        .expect("frame sent");
+    let error = next_of(&mut alice, "error").await;
+    assert_eq!(error["error"]["code"], "PAYLOAD_TOO_LARGE");
+    // The rest of the frame is never read, so the close frame may be overtaken by a reset.
+    let close = tokio::time::timeout(PATIENCE, alice.next())
+        .await
+        .expect("closed in time");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1009),
+        None | Some(Err(_)) => {}
+        other => panic!("expected the socket to close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_without_a_valid_token_is_refused_with_401() {
+    let system = System::start().await;
+    let url = format!("{}/v1/ws", system.base.replacen("http://", "ws://", 1));
+    for request in [url.clone(), format!("{url}?token=garbage")] {
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                        .expect("JSON error body");
+                assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+            }
+            other => panic!("expected 401, got {other:?}"),
+        }
+    }
+    // The header works as well as the query parameter.
+    let mut request = url.into_client_request().expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", system.token("alice"))
+            .parse()
+            .expect("header"),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("opens with a bearer header");
+    ping(&mut socket).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off_while_others_keep_receiving() {
+    // A queue that holds a whole fanout batch (64 in tests), so a reading client never
+    // overflows it, yet small enough that a stuck one does within a few thousand messages.
+    let system = System::start_with(|config| config.ws_outbound_queue = 256).await;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let presence = presence(&system).await;
+    // Carol reads all along, on her own task, and reports the seqs she got.
+    let mut carol = connect(&system, &system.base, "carol").await;
+    let (seqs_tx, mut seqs) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let frame = next_frame(&mut carol).await;
+            if seqs_tx.send(frame["message"]["seq"].as_i64()).is_err() {
+                return;
+            }
+        }
+    });
+    // Bob's socket has a tiny receive buffer and is never read until the end.
+    let address = system.base.trim_start_matches("http://");
+    let tcp = TcpSocket::new_v4().expect("socket");
+    tcp.set_recv_buffer_size(4096).expect("small buffer");
+    let stream = tcp
+        .connect(address.parse().expect("address"))
+        .await
+        .expect("connects");
+    let (mut bob, _) = tokio_tungstenite::client_async(
+        ws_url(&system.base, &system.token("bob")),
+        MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("websocket opens");
+    ping(&mut bob).await;
+
+    // Big messages until the gateway gives up on bob (kernel buffers hold some megabytes
+    // before his queue even starts to fill).
+    let filler = "x".repeat(9_000);
+    let mut sent = 0i64;
+    while presence.record("bob").await.expect("presence").is_some() {
+        assert!(sent < 3_000, "bob was never cut off");
+        for _ in 0..50 {
+            // Distinct contents: identical ones within a second would be one message.
+            let content = format!("{sent:05}{filler}");
+            let (status, ack) = system.send("alice", text(conversation, &content)).await;
+            assert_eq!(status, 202, "{ack}");
+            assert_eq!(ack["idempotentHit"], false);
+            sent += 1;
+        }
+        system.wait_for_messages(sent, PATIENCE).await;
+    }
+
+    // Carol got every message, in order, before and after bob was cut off.
+    send_many(&system, "alice", conversation, 0, 1).await;
+    for expected in 1..=sent + 1 {
+        let seq = tokio::time::timeout(PATIENCE, seqs.recv())
+            .await
+            .expect("carol keeps receiving");
+        assert_eq!(seq, Some(Some(expected)));
+    }
+
+    // Bob got what fitted in the buffers and then the connection ended, with 1008 if the
+    // close frame could still get through.
+    let mut received = 0i64;
+    loop {
+        match tokio::time::timeout(PATIENCE, bob.next())
+            .await
+            .expect("bob's socket ends")
+        {
+            Some(Ok(Message::Text(_))) => received += 1,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1008);
+                assert_eq!(frame.reason.as_str(), "outbound queue full");
+                break;
+            }
+            Some(Ok(other)) => panic!("unexpected {other:?}"),
+            None | Some(Err(_)) => break,
+        }
+    }
+    assert!(
+        received < sent,
+        "bob received {received} of {sent}: not cut off"
+    );
+    let metrics = metrics(&system).await;
+    assert!(
+        has_metric(
+            &metrics,
+            "websocket_connections_closed_total",
+            "reason=\"outbound_queue_full\""
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_stops_answering_pings_is_closed() {
+    let system = System::start_with(|config| {
+        config.ws_ping_interval_secs = 1;
+        config.ws_heartbeat_timeout_secs = 2;
+    })
+    .await;
+    let presence = presence(&system).await;
+    // This client reads all along, and so answers pings (the WebSocket layer does): it stays.
+    let mut lively = connect(&system, &system.base, "carol").await;
+    let stop_reading = CancellationToken::new();
+    let reader = tokio::spawn({
+        let stop = stop_reading.clone();
+        async move {
+            while !stop.is_cancelled() {
+                if let Ok(next) =
+                    tokio::time::timeout(Duration::from_millis(100), lively.next()).await
+                {
+                    assert!(matches!(next, Some(Ok(_))), "lively socket ended: {next:?}");
+                }
+            }
+            lively
+        }
+    });
+    // This one is never read, so it never answers.
+    let mut silent = connect(&system, &system.base, "bob").await;
+
+    presence_until(&presence, "bob", Option::is_none).await;
+    let mut closed_with = None;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(PATIENCE, silent.next()).await {
+        if let Message::Close(Some(frame)) = message {
+            closed_with = Some(u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(closed_with, Some(4000));
+
+    // Well past the timeout, the lively socket still works.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_reading.cancel();
+    let mut lively = reader.await.expect("reader");
+    ping(&mut lively).await;
+    assert!(presence.record("carol").await.expect("presence").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_shows_a_user_while_connected_and_not_after() {
+    let system = System::start().await;
+    let (other_gateway, _stop) = second_gateway(&system).await;
+    let presence = presence(&system).await;
+    assert_eq!(presence.record("bob.smith").await.expect("presence"), None);
+
+    let mut first = connect(&system, &system.base, "bob.smith").await;
+    let record = presence.record("bob.smith").await.expect("presence");
+    let sockets = |r: &Option<PresenceRecord>| {
+        r.as_ref()
+            .map(|r| r.nodes.values().map(|n| n.sockets).collect::<Vec<_>>())
+    };
+    assert_eq!(sockets(&record), Some(vec![1]));
+    let mut second = connect(&system, &system.base, "bob.smith").await;
+    let mut third = connect(&system, &other_gateway, "bob.smith").await;
+    let record = presence_until(&presence, "bob.smith", |r| {
+        r.as_ref().is_some_and(|r| r.nodes.len() == 2)
+    })
+    .await;
+    let mut counts = sockets(&record).expect("record");
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![1, 2],
+        "two nodes: one with 2 sockets, one with 1"
+    );
+    assert_eq!(presence.live_sockets("bob.smith").await.expect("lookup"), 3);
+
+    for socket in [&mut first, &mut second, &mut third] {
+        socket.close(None).await.expect("closed");
+    }
+    presence_until(&presence, "bob.smith", Option::is_none).await;
+    assert_eq!(presence.live_sockets("bob.smith").await.expect("lookup"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_closes_its_sockets_with_going_away() {
+    let system = System::start().await;
+    let (other_gateway, stop) = second_gateway(&system).await;
+    let presence = presence(&system).await;
+    let mut bob = connect(&system, &other_gateway, "bob").await;
+
+    stop.cancel();
+
+    let close = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match bob.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(close, Some(1001));
+    presence_until(&presence, "bob", Option::is_none).await;
+}

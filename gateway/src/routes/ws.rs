@@ -1,0 +1,73 @@
+//! `GET /v1/ws`: the WebSocket (protocol in `docs/websocket.md`).
+//!
+//! The upgrade is authenticated like every other route, with the token in the
+//! `Authorization: Bearer` header or, for browsers (which cannot set headers on a WebSocket),
+//! in `?token=`. A refused upgrade gets the usual JSON error and status; an accepted one
+//! becomes a [`crate::socket::connection`].
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use axum::response::{IntoResponse, Response};
+use hotpath_core::rejection::Rejection;
+use serde::Deserialize;
+
+use crate::http::ApiError;
+use crate::socket::connection;
+use crate::state::AppState;
+
+/// Frames up to this multiple of the body limit are read and answered `PAYLOAD_TOO_LARGE`
+/// with the socket kept open; larger ones are refused by the WebSocket layer before they are
+/// buffered, and the socket is closed (1009).
+const HARD_LIMIT_FACTOR: usize = 4;
+
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    token: Option<String>,
+}
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<WsQuery>, QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let user_id = match authenticate(&state, &headers, query) {
+        Ok(user_id) => user_id,
+        Err(rejection) => return ApiError(rejection).into_response(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let hard_limit = state
+        .config
+        .max_body_bytes
+        .saturating_mul(HARD_LIMIT_FACTOR)
+        .max(16 * 1024);
+    upgrade
+        .max_message_size(hard_limit)
+        .max_frame_size(hard_limit)
+        .on_upgrade(move |socket| connection::serve(socket, state, user_id))
+}
+
+/// The header's bearer token if there is one, else `?token=`.
+fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Result<Query<WsQuery>, QueryRejection>,
+) -> Result<String, Rejection> {
+    if headers.contains_key(AUTHORIZATION) {
+        return crate::http::authenticate(state, headers);
+    }
+    let token = query.ok().and_then(|Query(q)| q.token);
+    match token {
+        Some(token) => state
+            .verifier
+            .verify_header(Some(&format!("Bearer {token}"))),
+        None => state.verifier.verify_header(None),
+    }
+}

@@ -1,0 +1,356 @@
+//! One WebSocket, from upgrade to close.
+//!
+//! Three tasks share the connection:
+//! * the **reader** (this task) answers the client's frames in order: sends go through the
+//!   same `accept` as `POST /v1/messages`, one at a time, so a client's messages are accepted in
+//!   the order it sent them;
+//! * the **writer** alone writes to the socket: live frames from the node (bounded queue,
+//!   overflow ends the socket), replies and catch-up frames (bounded, the producer waits), and
+//!   a ping every interval; it closes a socket the client stopped answering;
+//! * the **catch-up** task serves `sync` requests (see [`super::sync`]).
+//!
+//! Whichever notices the end first records why in [`Ending`]; the others stop, and the writer
+//! sends the matching close frame if the client can still be told.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use hotpath_core::rejection::Rejection;
+use tokio::sync::mpsc;
+
+use super::close::{CloseReason, Ending};
+use super::protocol::{self, ClientFrame};
+use super::sync::{self, SyncRequest};
+use crate::routes::send::{accept, send_slot};
+use crate::state::AppState;
+
+/// Replies and catch-up frames waiting for the writer; their producers wait when it is full.
+const REPLY_QUEUE: usize = 64;
+/// `sync` requests a socket may have waiting; more are refused.
+const SYNC_QUEUE: usize = 16;
+/// Live frames written (then flushed) together when they are already waiting.
+const WRITE_BATCH: usize = 64;
+/// Longest time spent writing the last replies and the close frame to a closing socket.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// When the client was last heard from, in milliseconds since the socket opened.
+#[derive(Clone)]
+struct Heard {
+    opened: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            opened: Instant::now(),
+            last_ms: Arc::default(),
+        }
+    }
+
+    fn now(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
+}
+
+/// Runs one authenticated socket of `user_id` until it closes.
+pub async fn serve(socket: WebSocket, state: AppState, user_id: String) {
+    let node = state.sockets.clone();
+    let (outbound_tx, outbound_rx) = mpsc::channel(state.config.ws_outbound_queue.max(1));
+    let ending = Ending::default();
+    let registration = match node.register(&user_id, outbound_tx, ending.clone()).await {
+        Ok(registration) => registration,
+        Err(error) => {
+            tracing::warn!(
+                user_id,
+                error = format!("{error:#}"),
+                "cannot register socket"
+            );
+            let mut socket = socket;
+            let close = CloseFrame {
+                code: 1011,
+                reason: "delivery unavailable".into(),
+            };
+            let _ = socket.send(Message::Close(Some(close))).await;
+            return;
+        }
+    };
+    node.metrics().opened();
+    tracing::debug!(user_id, "socket opened");
+
+    let (sink, stream) = socket.split();
+    let (replies_tx, replies_rx) = mpsc::channel(REPLY_QUEUE);
+    let (syncs_tx, syncs_rx) = mpsc::channel(SYNC_QUEUE);
+    let heard = Heard::new();
+
+    let writer = tokio::spawn(write(
+        sink,
+        outbound_rx,
+        replies_rx,
+        ending.clone(),
+        heard.clone(),
+        state.clone(),
+    ));
+    tokio::spawn(sync::serve(
+        state.clone(),
+        user_id.clone(),
+        syncs_rx,
+        replies_tx.clone(),
+        ending.clone(),
+    ));
+    let reader = Reader {
+        state: &state,
+        user_id: &user_id,
+        replies: replies_tx,
+        syncs: syncs_tx,
+        ending: ending.clone(),
+        heard,
+    };
+    reader.read(stream).await;
+    let _ = writer.await;
+
+    let reason = ending.reason();
+    node.metrics().closed(reason);
+    tracing::debug!(user_id, reason = reason.label(), "socket closed");
+    drop(registration);
+}
+
+struct Reader<'a> {
+    state: &'a AppState,
+    user_id: &'a str,
+    replies: mpsc::Sender<Utf8Bytes>,
+    syncs: mpsc::Sender<SyncRequest>,
+    ending: Ending,
+    heard: Heard,
+}
+
+impl Reader<'_> {
+    async fn read(&self, mut stream: SplitStream<WebSocket>) {
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                () = self.ending.ended() => return,
+            };
+            self.heard.now();
+            match next {
+                Some(Ok(Message::Text(text))) => self.answer(&text).await,
+                Some(Ok(Message::Binary(_))) => {
+                    let rejection = Rejection::InvalidSchema {
+                        message: "frames must be JSON text, not binary".into(),
+                        details: serde_json::json!({}),
+                    };
+                    self.reply(protocol::error(None, &rejection)).await;
+                }
+                // Pings are answered by the WebSocket layer; pongs only prove liveness.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | None => {
+                    self.ending.end(CloseReason::ClientClosed);
+                    return;
+                }
+                Some(Err(error)) => {
+                    // The WebSocket layer refuses frames over its hard limit (a multiple of the
+                    // body limit) before buffering them; the stream cannot go on after that.
+                    let too_big = matches!(
+                        std::error::Error::source(&error)
+                            .and_then(|e| e.downcast_ref::<tungstenite::Error>()),
+                        Some(tungstenite::Error::Capacity(_))
+                    );
+                    if too_big {
+                        let limit = self.state.config.max_body_bytes;
+                        let rejection = Rejection::PayloadTooLarge { limit_bytes: limit };
+                        self.reply(protocol::error(None, &rejection)).await;
+                        self.ending.end(CloseReason::MessageTooBig);
+                    } else {
+                        tracing::debug!(user_id = self.user_id, %error, "socket read failed");
+                        self.ending.end(CloseReason::ConnectionError);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers one text frame; never ends the connection.
+    async fn answer(&self, text: &str) {
+        let limit = self.state.config.max_body_bytes;
+        if text.len() > limit {
+            let rejection = Rejection::PayloadTooLarge { limit_bytes: limit };
+            self.reply(protocol::error(None, &rejection)).await;
+            return;
+        }
+        let frame = match protocol::parse(text) {
+            Ok(frame) => frame,
+            Err(refused) => {
+                let reply = protocol::error(refused.req_id.as_deref(), &refused.rejection);
+                self.reply(reply).await;
+                return;
+            }
+        };
+        match frame {
+            ClientFrame::Ping { req_id } => self.reply(protocol::pong(req_id.as_deref())).await,
+            ClientFrame::Send {
+                req_id,
+                body,
+                correlation_id,
+            } => {
+                let reply = match self.send(body, correlation_id).await {
+                    Ok(accepted) => protocol::send_ack(req_id.as_deref(), &accepted),
+                    Err(rejection) => protocol::error(req_id.as_deref(), &rejection),
+                };
+                self.reply(reply).await;
+            }
+            ClientFrame::Sync {
+                req_id,
+                conversation_id,
+                after_seq,
+            } => {
+                let request = SyncRequest {
+                    req_id,
+                    conversation_id,
+                    after_seq,
+                };
+                if let Err(refused) = self.syncs.try_send(request) {
+                    let request = refused.into_inner();
+                    let rejection = Rejection::ServiceUnavailable {
+                        reason: format!("more than {SYNC_QUEUE} syncs are waiting on this socket"),
+                        retry_after_secs: 1,
+                    };
+                    self.reply(protocol::error(request.req_id.as_deref(), &rejection))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// A `send` frame: the HTTP send path from the in-flight bound on.
+    async fn send(
+        &self,
+        body: serde_json::Value,
+        correlation_id: Option<uuid::Uuid>,
+    ) -> Result<crate::routes::send::SendAccepted, Rejection> {
+        let started = Instant::now();
+        let state = self.state;
+        let accepted = async {
+            let _slot = send_slot(state)?;
+            state.rate_limit.check(self.user_id)?;
+            let correlation_id = correlation_id.unwrap_or_else(uuid::Uuid::new_v4);
+            accept(state, self.user_id, body, correlation_id, started).await
+        }
+        .await;
+        if let Err(rejection) = &accepted {
+            if let Rejection::Internal { reason } = rejection {
+                tracing::error!(%reason, "internal error");
+            }
+            let millis = started.elapsed().as_secs_f64() * 1000.0;
+            state.metrics.rejected(rejection, millis);
+        }
+        accepted
+    }
+
+    /// Queues a reply for the writer, waiting for room unless the connection ends first.
+    async fn reply(&self, frame: Utf8Bytes) {
+        tokio::select! {
+            _ = self.replies.send(frame) => {}
+            () = self.ending.ended() => {}
+        }
+    }
+}
+
+/// Writes everything the socket is sent, and the heartbeat, until the connection ends; then
+/// the close frame.
+async fn write(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut outbound: mpsc::Receiver<Utf8Bytes>,
+    mut replies: mpsc::Receiver<Utf8Bytes>,
+    ending: Ending,
+    heard: Heard,
+    state: AppState,
+) {
+    let shutdown = state.sockets.shutdown().clone();
+    let interval = state.config.ws_ping_interval();
+    let heartbeat_timeout = state.config.ws_heartbeat_timeout();
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Live frames before replies: a long catch-up must not starve the live queue into
+        // overflowing.
+        let message = tokio::select! {
+            biased;
+            () = ending.ended() => break,
+            () = shutdown.cancelled() => {
+                ending.end(CloseReason::ServerShutdown);
+                break;
+            }
+            _ = heartbeat.tick() => {
+                if heard.silent_for() > heartbeat_timeout {
+                    ending.end(CloseReason::HeartbeatTimeout);
+                    break;
+                }
+                Message::Ping(Bytes::new())
+            }
+            Some(frame) = outbound.recv() => Message::Text(frame),
+            Some(frame) = replies.recv() => Message::Text(frame),
+        };
+        // Live frames already waiting go out in the same write. A client that stops reading
+        // blocks the write; the end (queue overflow, shutdown) must still get through.
+        let written = async {
+            sink.feed(message).await?;
+            for _ in 0..WRITE_BATCH {
+                let Ok(frame) = outbound.try_recv() else {
+                    break;
+                };
+                sink.feed(Message::Text(frame)).await?;
+            }
+            sink.flush().await
+        };
+        // A write that cannot finish within the heartbeat timeout means the client stopped
+        // reading, even if no more frames come to overflow its queue.
+        tokio::select! {
+            biased;
+            () = ending.ended() => break,
+            () = shutdown.cancelled() => {
+                ending.end(CloseReason::ServerShutdown);
+                break;
+            }
+            written = written => if written.is_err() {
+                ending.end(CloseReason::ConnectionError);
+                break;
+            },
+            () = tokio::time::sleep(heartbeat_timeout) => {
+                ending.end(CloseReason::HeartbeatTimeout);
+                break;
+            }
+        }
+    }
+
+    let reason = ending.reason();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        if reason.flushes_replies() {
+            while let Ok(frame) = replies.try_recv() {
+                if sink.send(Message::Text(frame)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if let Some((code, text)) = reason.close_frame() {
+            let close = CloseFrame {
+                code,
+                reason: text.into(),
+            };
+            let _ = sink.send(Message::Close(Some(close))).await;
+        }
+        let _ = sink.close().await;
+    })
+    .await;
+}

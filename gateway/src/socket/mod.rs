@@ -1,0 +1,23 @@
+//! The socket node: WebSockets of connected users and live delivery to them.
+//!
+//! ```text
+//! delivery consumers ──publish──► deliver.user.<id> (NATS core)
+//!                                        │ one subscription per connected user per gateway
+//!                                        ▼
+//!                           node (registry: user → sockets)
+//!                                        │ bounded queue per socket
+//!                                        ▼
+//!                      connection: writer ──► WebSocket ◄── reader (send, sync, ping)
+//! ```
+//!
+//! [`node`] keeps the registry, the subscriptions and presence; [`connection`] runs one
+//! socket; [`protocol`] is the frame format; [`sync`] is catch-up from Postgres.
+
+pub mod close;
+pub mod connection;
+mod metrics;
+pub mod node;
+pub mod protocol;
+pub mod sync;
+
+pub use node::SocketNode;

@@ -1,0 +1,268 @@
+//! The JSON frames of `GET /v1/ws` (`docs/websocket.md`): what a client may send, and the
+//! replies the gateway writes itself. What the delivery consumers push (`message.new`,
+//! `message.state.changed`) is `hotpath_core::events`.
+//!
+//! A frame that cannot be understood is answered with an `error` frame carrying the same codes
+//! as HTTP; it never closes the connection.
+
+use axum::extract::ws::Utf8Bytes;
+use hotpath_core::rejection::Rejection;
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::routes::send::SendAccepted;
+
+/// Longest `reqId` echoed back.
+pub const MAX_REQ_ID_LEN: usize = 255;
+
+/// A frame from the client.
+#[derive(Debug, PartialEq)]
+pub enum ClientFrame {
+    /// The body of `POST /v1/messages`, with the frame's own fields taken out.
+    Send {
+        req_id: Option<String>,
+        body: Value,
+        /// Stands in for HTTP's `X-Correlation-Id`.
+        correlation_id: Option<Uuid>,
+    },
+    /// Every persisted message of the conversation after `after_seq`, then `sync.done`.
+    Sync {
+        req_id: Option<String>,
+        conversation_id: String,
+        after_seq: i64,
+    },
+    Ping {
+        req_id: Option<String>,
+    },
+}
+
+/// A frame that was refused, with its `reqId` when it could be read.
+#[derive(Debug, PartialEq)]
+pub struct FrameError {
+    pub req_id: Option<String>,
+    pub rejection: Rejection,
+}
+
+/// Reads a text frame.
+pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+    let refuse = |req_id: Option<String>, rejection: Rejection| FrameError { req_id, rejection };
+    let value: Value = serde_json::from_str(text).map_err(|error| {
+        refuse(
+            None,
+            Rejection::InvalidSchema {
+                message: format!("frame is not valid JSON: {error}"),
+                details: json!({"line": error.line(), "column": error.column()}),
+            },
+        )
+    })?;
+    let Value::Object(mut object) = value else {
+        return Err(refuse(None, invalid("a frame must be a JSON object")));
+    };
+    let req_id = req_id(&mut object).map_err(|rejection| refuse(None, rejection))?;
+    let kind = match object.remove("type") {
+        Some(Value::String(kind)) => kind,
+        Some(_) => return Err(refuse(req_id, field_type("type", "a string"))),
+        None => {
+            return Err(refuse(
+                req_id,
+                Rejection::MissingRequiredField {
+                    field: "type".into(),
+                },
+            ));
+        }
+    };
+    match kind.as_str() {
+        "send" => {
+            let correlation_id = match object.remove("correlationId") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(id)) => Uuid::parse_str(&id).ok(),
+                Some(_) => return Err(refuse(req_id, field_type("correlationId", "a string"))),
+            };
+            Ok(ClientFrame::Send {
+                req_id,
+                body: Value::Object(object),
+                correlation_id,
+            })
+        }
+        "sync" => {
+            let conversation_id = match object.get("conversationId") {
+                Some(Value::String(id)) => id.clone(),
+                Some(Value::Null) | None => {
+                    return Err(refuse(
+                        req_id,
+                        Rejection::MissingRequiredField {
+                            field: "conversationId".into(),
+                        },
+                    ));
+                }
+                Some(_) => return Err(refuse(req_id, field_type("conversationId", "a string"))),
+            };
+            let after_seq = match object.get("afterSeq") {
+                Some(Value::Null) | None => 0,
+                Some(value) => match value.as_i64() {
+                    Some(seq) if seq >= 0 => seq,
+                    _ => {
+                        return Err(refuse(
+                            req_id,
+                            field_type("afterSeq", "a non-negative integer"),
+                        ));
+                    }
+                },
+            };
+            Ok(ClientFrame::Sync {
+                req_id,
+                conversation_id,
+                after_seq,
+            })
+        }
+        "ping" => Ok(ClientFrame::Ping { req_id }),
+        other => Err(refuse(
+            req_id,
+            Rejection::InvalidSchema {
+                message: format!("unknown frame type {other:?}"),
+                details: json!({"type": other, "expected": ["send", "sync", "ping"]}),
+            },
+        )),
+    }
+}
+
+/// Takes `reqId` out of the frame: absent, or a string of bounded length.
+fn req_id(object: &mut Map<String, Value>) -> Result<Option<String>, Rejection> {
+    match object.remove("reqId") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) if id.chars().count() <= MAX_REQ_ID_LEN => Ok(Some(id)),
+        Some(Value::String(id)) => Err(Rejection::FieldTooLong {
+            field: "reqId".into(),
+            max: MAX_REQ_ID_LEN,
+            actual: id.chars().count(),
+        }),
+        Some(_) => Err(field_type("reqId", "a string")),
+    }
+}
+
+fn invalid(message: &str) -> Rejection {
+    Rejection::InvalidSchema {
+        message: message.into(),
+        details: json!({}),
+    }
+}
+
+fn field_type(field: &str, expected: &str) -> Rejection {
+    Rejection::InvalidFieldType {
+        field: field.into(),
+        expected: expected.into(),
+    }
+}
+
+/// `{"type": kind, "reqId"?, ...fields}`.
+fn frame(kind: &str, req_id: Option<&str>, fields: Value) -> Utf8Bytes {
+    let mut object = Map::new();
+    object.insert("type".into(), kind.into());
+    if let Some(id) = req_id {
+        object.insert("reqId".into(), id.into());
+    }
+    if let Value::Object(fields) = fields {
+        object.extend(fields);
+    }
+    Value::Object(object).to_string().into()
+}
+
+/// `send.ack`: the 202 body of `POST /v1/messages`, as a frame.
+pub fn send_ack(req_id: Option<&str>, accepted: &SendAccepted) -> Utf8Bytes {
+    // Serialising the accepted body (ids, strings, a timestamp) cannot fail.
+    let fields = serde_json::to_value(accepted).expect("send.ack serialises");
+    frame("send.ack", req_id, fields)
+}
+
+/// `error`: `{"error": {code, message, details}}` as HTTP sends it.
+pub fn error(req_id: Option<&str>, rejection: &Rejection) -> Utf8Bytes {
+    frame("error", req_id, rejection.body())
+}
+
+pub fn pong(req_id: Option<&str>) -> Utf8Bytes {
+    frame("pong", req_id, json!({}))
+}
+
+/// Ends a `sync`: everything up to `last_seq` was sent (`afterSeq` when nothing was new).
+pub fn sync_done(req_id: Option<&str>, conversation_id: Uuid, last_seq: i64) -> Utf8Bytes {
+    frame(
+        "sync.done",
+        req_id,
+        json!({"conversationId": conversation_id, "lastSeq": last_seq}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> &'static str {
+        parse(text).unwrap_err().rejection.code()
+    }
+
+    #[test]
+    fn send_frames_lose_their_frame_fields() {
+        let frame = parse(
+            r#"{"type":"send","reqId":"r1","conversationId":"c","content":"hi","contentType":"text"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            frame,
+            ClientFrame::Send {
+                req_id: Some("r1".into()),
+                body: json!({"conversationId":"c","content":"hi","contentType":"text"}),
+                correlation_id: None,
+            }
+        );
+    }
+
+    #[test]
+    fn sync_and_ping_frames_parse() {
+        assert_eq!(
+            parse(r#"{"type":"sync","conversationId":"c","afterSeq":5}"#).unwrap(),
+            ClientFrame::Sync {
+                req_id: None,
+                conversation_id: "c".into(),
+                after_seq: 5
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"ping","reqId":"p"}"#).unwrap(),
+            ClientFrame::Ping {
+                req_id: Some("p".into())
+            }
+        );
+    }
+
+    #[test]
+    fn bad_frames_get_the_http_codes_and_keep_their_req_id() {
+        assert_eq!(code("not json"), "INVALID_SCHEMA");
+        assert_eq!(code("[1,2]"), "INVALID_SCHEMA");
+        assert_eq!(code(r#"{"reqId":"x"}"#), "MISSING_REQUIRED_FIELD");
+        assert_eq!(code(r#"{"type":7}"#), "INVALID_FIELD_TYPE");
+        assert_eq!(code(r#"{"type":"sync"}"#), "MISSING_REQUIRED_FIELD");
+        assert_eq!(
+            code(r#"{"type":"sync","conversationId":"c","afterSeq":-1}"#),
+            "INVALID_FIELD_TYPE"
+        );
+        let long = format!(r#"{{"type":"ping","reqId":"{}"}}"#, "x".repeat(300));
+        assert_eq!(code(&long), "FIELD_TOO_LONG");
+        let unknown = parse(r#"{"type":"dance","reqId":"r9"}"#).unwrap_err();
+        assert_eq!(unknown.req_id.as_deref(), Some("r9"));
+        assert_eq!(unknown.rejection.code(), "INVALID_SCHEMA");
+    }
+
+    #[test]
+    fn replies_carry_type_and_req_id() {
+        let reply: Value = serde_json::from_str(&error(
+            Some("r1"),
+            &Rejection::PayloadTooLarge { limit_bytes: 10 },
+        ))
+        .unwrap();
+        assert_eq!(reply["type"], "error");
+        assert_eq!(reply["reqId"], "r1");
+        assert_eq!(reply["error"]["code"], "PAYLOAD_TOO_LARGE");
+        let pong: Value = serde_json::from_str(&pong(None)).unwrap();
+        assert_eq!(pong, json!({"type": "pong"}));
+    }
+}

@@ -1,0 +1,140 @@
+//! `sync`: catching a socket up from Postgres.
+//!
+//! After a (re)connect a client asks for every message of a conversation after the last seq it
+//! has; the gateway reads them from Postgres a page at a time and writes them as `message.new`
+//! frames, then `sync.done`. Live frames keep flowing meanwhile, so around the seam a message
+//! may arrive both ways: clients deduplicate by (conversationId, seq).
+//!
+//! Syncs of one socket run one after the other on their own task, so a long catch-up never
+//! holds up the socket's sends or pings, and each page waits for room in the socket's reply
+//! queue: a catch-up is paced by the client's reading, never buffered whole.
+
+use axum::extract::ws::Utf8Bytes;
+use chrono::{DateTime, Utc};
+use hotpath_core::events::{DeliveredMessage, Event};
+use hotpath_core::rejection::Rejection;
+use serde_json::{Map, Value};
+use sqlx::types::Json;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::close::Ending;
+use super::protocol;
+use crate::http::db_error;
+use crate::routes::conversations::member_of;
+use crate::state::AppState;
+
+/// Messages read from Postgres per query.
+const PAGE: i64 = 200;
+
+#[derive(Debug)]
+pub struct SyncRequest {
+    pub req_id: Option<String>,
+    pub conversation_id: String,
+    pub after_seq: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: Uuid,
+    seq: i64,
+    sender_id: String,
+    content: String,
+    content_type: String,
+    metadata: Json<Value>,
+    accepted_at: DateTime<Utc>,
+}
+
+/// The reply queue went away: the connection is ending.
+struct Disconnected;
+
+/// Serves the socket's sync requests in order until the connection ends.
+pub async fn serve(
+    state: AppState,
+    user_id: String,
+    mut requests: mpsc::Receiver<SyncRequest>,
+    replies: mpsc::Sender<Utf8Bytes>,
+    ending: Ending,
+) {
+    loop {
+        let request = tokio::select! {
+            request = requests.recv() => request,
+            () = ending.ended() => return,
+        };
+        let Some(request) = request else { return };
+        let req_id = request.req_id.as_deref();
+        let outcome = tokio::select! {
+            outcome = catch_up(&state, &user_id, &request, &replies) => outcome,
+            () = ending.ended() => return,
+        };
+        let written = match outcome {
+            Ok(Ok((conversation_id, last_seq))) => {
+                replies
+                    .send(protocol::sync_done(req_id, conversation_id, last_seq))
+                    .await
+            }
+            Ok(Err(rejection)) => replies.send(protocol::error(req_id, &rejection)).await,
+            Err(Disconnected) => return,
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes every message after `after_seq` and returns the conversation and the last seq
+/// written; a rejection when the user may not read the conversation or Postgres is away.
+async fn catch_up(
+    state: &AppState,
+    user_id: &str,
+    request: &SyncRequest,
+    replies: &mpsc::Sender<Utf8Bytes>,
+) -> Result<Result<(Uuid, i64), Rejection>, Disconnected> {
+    let conversation_id = match member_of(state, &request.conversation_id, user_id).await {
+        Ok(conversation) => conversation.id,
+        Err(rejection) => return Ok(Err(rejection)),
+    };
+    let mut last_seq = request.after_seq;
+    loop {
+        let rows: Vec<Row> = match sqlx::query_as(
+            "SELECT id, seq, sender_id, content, content_type, metadata, accepted_at
+               FROM messages
+              WHERE conversation_id = $1 AND seq > $2
+              ORDER BY seq
+              LIMIT $3",
+        )
+        .bind(conversation_id)
+        .bind(last_seq)
+        .bind(PAGE)
+        .fetch_all(&state.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(error) => return Ok(Err(db_error(error))),
+        };
+        let full_page = rows.len() as i64 == PAGE;
+        for row in rows {
+            last_seq = row.seq;
+            let frame = Event::MessageNew {
+                message: DeliveredMessage {
+                    message_id: row.id,
+                    conversation_id,
+                    seq: row.seq,
+                    sender_id: row.sender_id,
+                    content: row.content,
+                    content_type: row.content_type,
+                    metadata: match row.metadata.0 {
+                        Value::Object(map) => map,
+                        _ => Map::new(),
+                    },
+                    accepted_at: row.accepted_at,
+                },
+            }
+            .to_json();
+            replies.send(frame.into()).await.map_err(|_| Disconnected)?;
+        }
+        if !full_page {
+            return Ok(Ok((conversation_id, last_seq)));
+        }
+    }
+}
