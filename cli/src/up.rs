@@ -218,7 +218,8 @@ fn print_welcome(addr: SocketAddr, config: &Config, data_dir: &Path) -> anyhow::
 Hotpath is up.
   API          {base}/v1/messages   (POST)
   health       {base}/healthz  {base}/readyz
-  metrics      {base}/metrics      (open in a browser)
+  live view    {base}/live         (open in a browser: watch messages arrive over the WebSocket)
+  metrics      {base}/metrics
   NATS         {nats}
   Postgres     {pg}
   data dir     {dir}

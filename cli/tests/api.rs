@@ -667,6 +667,9 @@ async fn health_readiness_and_metrics_are_served() {
         .await
         .unwrap();
     assert_eq!(openapi["openapi"], "3.0.3");
+    let live = system.http.get(system.url("/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+    assert!(live.text().await.unwrap().contains("new WebSocket("));
     assert!(openapi["paths"]["/v1/messages"]["post"].is_object());
     let unknown = system
         .http

@@ -100,6 +100,7 @@ pub async fn router(
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
         .route("/v1/openapi.json", get(routes::health::openapi))
+        .route("/live", get(routes::health::live_page))
         .fallback(http::not_found)
         .with_state(state))
 }

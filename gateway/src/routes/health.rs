@@ -35,6 +35,12 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(body))
 }
 
+/// A small page that connects to `/v1/ws` and shows the frames: watching messages arrive
+/// needs nothing but a browser.
+pub async fn live_page() -> impl IntoResponse {
+    axum::response::Html(include_str!("../../static/live.html"))
+}
+
 /// The API's OpenAPI 3 description.
 pub async fn openapi() -> impl IntoResponse {
     (
