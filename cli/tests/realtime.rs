@@ -689,3 +689,331 @@ async fn a_stopping_gateway_closes_its_sockets_with_going_away() {
     assert_eq!(close, Some(1001));
     presence_until(&presence, "bob", Option::is_none).await;
 }
+
+/// A gateway on a tokio runtime of its own, on a thread of its own. Killing it shuts that
+/// runtime down: every one of its tasks (the server, each socket's reader and writer, the
+/// presence refresher, its NATS client) is dropped where it stands without running again, and
+/// its TCP connections close, as when the process dies. Its shutdown token is never
+/// cancelled, so none of the gateway's own cleanup runs; the presence writes its dropped
+/// sockets try to spawn land on a runtime that is shutting down and never run.
+struct DoomedGateway {
+    base: String,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DoomedGateway {
+    async fn start(config: hotpath_core::config::Config) -> DoomedGateway {
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("gateway runtime");
+            let started = runtime.block_on(hotpath::roles::spawn_gateway(
+                config,
+                CancellationToken::new(),
+            ));
+            let (addr, _task) = started.expect("doomed gateway starts");
+            let _ = addr_tx.send(addr);
+            let _ = runtime.block_on(killed);
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        });
+        let addr = addr_rx.await.expect("doomed gateway reports its address");
+        DoomedGateway {
+            base: format!("http://{addr}"),
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    /// Ends the gateway on the spot and returns once all of its tasks are gone.
+    async fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .expect("join")
+                .expect("the doomed gateway's thread ends cleanly");
+        }
+    }
+}
+
+/// The sum of a metric's samples whose line contains `label`.
+fn metric_value(metrics: &str, name: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_users_go_offline_within_the_presence_ttl() {
+    let system = System::start_with(|config| config.presence_ttl_secs = 3).await;
+    let ttl = system.config.presence_ttl();
+    assert_eq!(ttl, Duration::from_secs(3));
+    let presence = presence(&system).await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut doomed = DoomedGateway::start(system.config.clone()).await;
+    let mut bob = connect(&system, &doomed.base, "bob").await;
+
+    // Online: presence lists the doomed gateway, and live delivery reaches bob there.
+    assert_eq!(presence.live_sockets("bob").await.expect("lookup"), 1);
+    send_many(&system, "alice", conversation, 1, 1).await;
+    assert_eq!(
+        seq_and_content(&next_frame(&mut bob).await),
+        (1, "m-1".into())
+    );
+
+    doomed.kill().await;
+    let killed = Instant::now();
+    // Nothing cleaned up after it: its entry is still stored (it goes by expiry alone).
+    let record = presence.record("bob").await.expect("presence");
+    assert!(
+        record.is_some_and(|r| r.nodes.len() == 1),
+        "the dead gateway's entry was removed instead of expiring"
+    );
+    // Its socket is gone with it.
+    let ended = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match bob.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Text(_))) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "bob's socket outlived its gateway");
+
+    // Readers call bob offline at most a TTL after the gateway's last refresh, which came
+    // before it died.
+    while presence.live_sockets("bob").await.expect("lookup") > 0 {
+        assert!(
+            killed.elapsed() < ttl + Duration::from_secs(1),
+            "bob still online {:?} after his gateway died",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let offline_after = killed.elapsed();
+    // The bucket's max_age then removes the key nobody refreshes any more.
+    presence_until(&presence, "bob", Option::is_none).await;
+    let removed_after = killed.elapsed();
+    assert!(
+        removed_after < ttl * 3,
+        "bob's key was removed only {removed_after:?} after his gateway died"
+    );
+    eprintln!("presence: offline after {offline_after:?}, key removed after {removed_after:?}");
+
+    // Fanout reuses presence answers for up to a second; past that, messages to bob take the
+    // offline path. (The registry is shared by the tests running beside this one, so this
+    // counts at least ours.)
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let offline = |m: &str| {
+        metric_value(
+            m,
+            "delivery_fanout_attempted_total",
+            "recipient_status=\"offline\"",
+        )
+    };
+    let before = offline(&metrics(&system).await);
+    const OFFLINE_SENDS: usize = 5;
+    send_many(&system, "alice", conversation, 2, OFFLINE_SENDS).await;
+    assert_eq!(
+        system
+            .wait_for_messages(1 + OFFLINE_SENDS as i64, PATIENCE)
+            .await,
+        1 + OFFLINE_SENDS as i64
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let after = offline(&metrics(&system).await);
+        if after - before >= OFFLINE_SENDS as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "offline fanout went from {before} to {after}, expected {OFFLINE_SENDS} more"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The stored receipt of `user` for `message`: (delivered_at, read_at), and how many rows the
+/// message has.
+async fn receipt_row(
+    system: &System,
+    message: Uuid,
+    user: &str,
+) -> (
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+    i64,
+) {
+    let (delivered, read): (
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ) = sqlx::query_as(
+        "SELECT delivered_at, read_at FROM message_receipts WHERE message_id = $1 AND user_id = $2",
+    )
+    .bind(message)
+    .bind(user)
+    .fetch_optional(&system.pool)
+    .await
+    .expect("receipt row")
+    .unwrap_or((None, None));
+    let (rows,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM message_receipts WHERE message_id = $1")
+            .bind(message)
+            .fetch_one(&system.pool)
+            .await
+            .expect("count");
+    (delivered, read, rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_move_the_senders_message_to_delivered_then_read_once() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+    let mut bob = connect(&system, &system.base, "bob").await;
+
+    // Sent over the socket: pending in the ack, then `sent` once persisted.
+    let mut frame = text(conversation, "did you get this?");
+    frame["type"] = json!("send");
+    frame["reqId"] = json!("s1");
+    send_frame(&mut alice, frame).await;
+    let mut ack = Value::Null;
+    let mut sent = Value::Null;
+    while ack.is_null() || sent.is_null() {
+        let next = next_frame(&mut alice).await;
+        match next["type"].as_str() {
+            Some("send.ack") => ack = next,
+            Some("message.state.changed") => sent = next,
+            _ => panic!("unexpected {next}"),
+        }
+    }
+    assert_eq!(ack["state"], "pending");
+    let message_id = ack["messageId"].as_str().expect("messageId").to_string();
+    let message = Uuid::parse_str(&message_id).expect("uuid");
+    assert_eq!(sent["messageId"], message_id.as_str());
+    assert_eq!(sent["state"], "sent");
+    let new = next_of(&mut bob, "message.new").await;
+    assert_eq!(new["message"]["messageId"], message_id.as_str());
+
+    // Only a recipient may acknowledge; the state must be one of the two.
+    let mut mallory = connect(&system, &system.base, "mallory").await;
+    for (socket, who) in [(&mut mallory, "mallory"), (&mut alice, "alice")] {
+        send_frame(
+            socket,
+            json!({"type": "ack", "reqId": who, "messageId": message_id, "state": "read"}),
+        )
+        .await;
+        let error = next_of(socket, "error").await;
+        assert_eq!(error["reqId"], who);
+        assert_eq!(error["error"]["code"], "MESSAGE_NOT_FOUND", "{error}");
+    }
+    send_frame(
+        &mut bob,
+        json!({"type": "ack", "reqId": "bad", "messageId": Uuid::new_v4(), "state": "delivered"}),
+    )
+    .await;
+    assert_eq!(
+        next_of(&mut bob, "error").await["error"]["code"],
+        "MESSAGE_NOT_FOUND"
+    );
+    send_frame(
+        &mut bob,
+        json!({"type": "ack", "reqId": "bad", "messageId": message_id, "state": "sent"}),
+    )
+    .await;
+    assert_eq!(
+        next_of(&mut bob, "error").await["error"]["code"],
+        "INVALID_SCHEMA"
+    );
+
+    // Delivered, then read: the sender is told each, with the message's seq.
+    for state in ["delivered", "read"] {
+        send_frame(
+            &mut bob,
+            json!({"type": "ack", "reqId": state, "messageId": message_id, "state": state}),
+        )
+        .await;
+        assert_eq!(
+            next_frame(&mut bob).await,
+            json!({"type": "ack.ok", "reqId": state})
+        );
+        let changed = next_of(&mut alice, "message.state.changed").await;
+        assert_eq!(
+            changed,
+            json!({"type": "message.state.changed", "messageId": message_id,
+                   "conversationId": conversation, "state": state, "seq": 1})
+        );
+    }
+
+    // The sender sees each recipient's receipt; the message-level state is the furthest.
+    let path = format!("/v1/messages/{message_id}/status");
+    let status: Value = system.get("alice", &path).await.json().await.unwrap();
+    assert_eq!(status["state"], "read", "{status}");
+    let recipients = status["recipients"].as_array().expect("recipients");
+    assert_eq!(recipients.len(), 1, "{status}");
+    assert_eq!(recipients[0]["userId"], "bob");
+    assert_eq!(recipients[0]["state"], "read");
+    let at = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().expect("timestamp"))
+            .expect("rfc3339")
+            .with_timezone(&chrono::Utc)
+    };
+    let (delivered_at, read_at, rows) = receipt_row(&system, message, "bob").await;
+    assert_eq!(rows, 1);
+    assert_eq!(Some(at(&recipients[0]["deliveredAt"])), delivered_at);
+    assert_eq!(Some(at(&recipients[0]["readAt"])), read_at);
+    assert!(delivered_at <= read_at);
+    // Others who may see the message keep the plain shape.
+    let seen_by_bob: Value = system.get("bob", &path).await.json().await.unwrap();
+    assert_eq!(seen_by_bob["state"], "sent");
+    assert!(seen_by_bob.get("recipients").is_none(), "{seen_by_bob}");
+
+    // Acknowledging again changes nothing: the same row, the same timestamps, no new frame.
+    for state in ["read", "delivered"] {
+        send_frame(
+            &mut bob,
+            json!({"type": "ack", "reqId": "again", "messageId": message_id, "state": state}),
+        )
+        .await;
+        assert_eq!(next_frame(&mut bob).await["type"], "ack.ok");
+    }
+    // Past the stream's duplicate window, a repeat reaches the consumer: still nothing changes.
+    for state in [
+        hotpath_core::receipts::ReceiptState::Delivered,
+        hotpath_core::receipts::ReceiptState::Read,
+    ] {
+        let repeat = hotpath_core::receipts::Receipt {
+            message_id: message,
+            conversation_id: conversation,
+            user_id: "bob".into(),
+            state,
+            at: chrono::Utc::now(),
+        };
+        let recorded = hotpath_consumers::receipts::record(&system.pool, &repeat)
+            .await
+            .expect("recorded");
+        match recorded {
+            hotpath_consumers::receipts::Recorded::Changed { first, .. } => {
+                assert!(first.is_empty(), "a repeat moved the state: {first:?}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        receipt_row(&system, message, "bob").await,
+        (delivered_at, read_at, 1)
+    );
+    ping(&mut alice).await;
+}

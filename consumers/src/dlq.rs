@@ -8,9 +8,13 @@
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
-use hotpath_core::names::{MESSAGES_STREAM, dlq_headers, dlq_subject};
+use hotpath_core::names::{dlq_headers, dlq_subject};
 
 pub struct DeadLetter<'a> {
+    /// The stream it came from (`MESSAGES`, `RECEIPTS`).
+    pub source_stream: &'a str,
+    /// The DLQ subject's last token: `dlq.<source>` (`messages`, `receipts`).
+    pub source: &'a str,
     pub payload: &'a [u8],
     pub subject: &'a str,
     pub stream_seq: u64,
@@ -18,7 +22,7 @@ pub struct DeadLetter<'a> {
     pub reason: &'a str,
 }
 
-/// Publishes to `dlq.messages` and waits for JetStream to store it.
+/// Publishes to `dlq.<source>` and waits for JetStream to store it.
 pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow::Result<()> {
     let mut headers = HeaderMap::new();
     // Header values must be one line.
@@ -26,7 +30,7 @@ pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow:
         dlq_headers::REASON,
         letter.reason.replace(['\r', '\n'], " ").as_str(),
     );
-    headers.insert(dlq_headers::SOURCE_STREAM, MESSAGES_STREAM);
+    headers.insert(dlq_headers::SOURCE_STREAM, letter.source_stream);
     headers.insert(dlq_headers::SOURCE_SUBJECT, letter.subject);
     headers.insert(
         dlq_headers::SOURCE_SEQUENCE,
@@ -39,8 +43,8 @@ pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow:
     let message = PublishMessage::build()
         .payload(letter.payload.to_vec().into())
         .headers(headers)
-        .message_id(format!("{MESSAGES_STREAM}:{}", letter.stream_seq));
-    js.send_publish(dlq_subject("messages"), message)
+        .message_id(format!("{}:{}", letter.source_stream, letter.stream_seq));
+    js.send_publish(dlq_subject(letter.source), message)
         .await?
         .await?;
     Ok(())

@@ -4,13 +4,16 @@
 //! [`run`] starts one [`partition::PartitionWorker`] per partition this replica owns (all of
 //! them by default; replica k of n owns p where p mod n == k) and reports consumer lag.
 //! [`persist`] holds the single-statement batch insert that makes replays harmless;
-//! [`fanout`] publishes what was persisted to the recipients' socket nodes.
+//! [`fanout`] publishes what was persisted to the recipients' socket nodes. Beside them runs
+//! one [`receipts::ReceiptsWorker`] on the shared `receipts` consumer, recording delivered/read
+//! receipts and telling senders.
 
 mod dlq;
 pub mod fanout;
 mod metrics;
 pub mod partition;
 pub mod persist;
+pub mod receipts;
 
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use hotpath_core::config::Config;
 use hotpath_core::names::{self, MESSAGES_STREAM};
-use hotpath_core::streams::ensure_delivery_consumer;
+use hotpath_core::streams::{ensure_delivery_consumer, ensure_receipts_consumer};
 use opentelemetry::KeyValue;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -27,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::DeliveryMetrics;
 use partition::PartitionWorker;
 
-/// Runs the delivery workers until `shutdown` is cancelled and every worker has settled or
+/// Runs the delivery workers and the receipts worker until `shutdown` is cancelled and every worker has settled or
 /// handed back its batch.
 pub async fn run(
     config: &Config,
@@ -73,7 +76,45 @@ pub async fn run(
             worker.run(shutdown).await;
         });
     }
-    tracing::info!(partitions = ?partitions, "delivery consumers running");
+    {
+        let (js, nats, pool, config, metrics, shutdown) = (
+            js.clone(),
+            nats.clone(),
+            pool.clone(),
+            shared_config.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        workers.spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            let consumer = loop {
+                match ensure_receipts_consumer(&js, &config).await {
+                    Ok(consumer) => break consumer,
+                    Err(error) => tracing::warn!(
+                        error = format!("{error:#}"),
+                        "cannot set up the receipts consumer; retrying"
+                    ),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            };
+            let worker = receipts::ReceiptsWorker {
+                consumer,
+                pool,
+                js,
+                nats,
+                metrics,
+                max_deliver: config.poison_max_deliver.max(1),
+                max_retry_delay: (config.ack_wait() / 3)
+                    .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            };
+            worker.run(shutdown).await;
+        });
+    }
+    tracing::info!(partitions = ?partitions, "delivery and receipts consumers running");
 
     let lag = tokio::spawn(report_lag(js, partitions, metrics, shutdown.clone()));
     while let Some(joined) = workers.join_next().await {

@@ -448,6 +448,8 @@ impl PartitionWorker {
 
     async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
         let letter = DeadLetter {
+            source_stream: MESSAGES_STREAM,
+            source: "messages",
             payload: &message.payload,
             subject: message.subject.as_str(),
             stream_seq,

@@ -17,7 +17,8 @@ pub enum Event {
     /// A message persisted in a conversation the user receives.
     #[serde(rename = "message.new")]
     MessageNew { message: DeliveredMessage },
-    /// A message the user sent moved on (`sent`: persisted, with its seq).
+    /// A message the user sent moved on (`sent`: persisted, with its seq; `delivered` / `read`:
+    /// the first recipient's receipt of that kind was recorded, see `docs/websocket.md`).
     #[serde(rename = "message.state.changed")]
     StateChanged {
         message_id: Uuid,
@@ -31,6 +32,18 @@ pub enum Event {
 #[serde(rename_all = "lowercase")]
 pub enum MessageState {
     Sent,
+    Delivered,
+    Read,
+}
+
+impl MessageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Sent => "sent",
+            MessageState::Delivered => "delivered",
+            MessageState::Read => "read",
+        }
+    }
 }
 
 /// A persisted message as a recipient sees it.

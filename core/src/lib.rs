@@ -13,6 +13,7 @@ pub mod ids;
 pub mod names;
 pub mod policy_store;
 pub mod presence;
+pub mod receipts;
 pub mod rejection;
 pub mod streams;
 pub mod telemetry;

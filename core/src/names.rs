@@ -10,6 +10,10 @@ use sha2::{Digest, Sha256};
 pub const MESSAGES_STREAM: &str = "MESSAGES";
 /// Stream holding what could never be processed, with the reason in headers.
 pub const DLQ_STREAM: &str = "DLQ";
+/// Stream holding delivered/read receipts from clients, one subject per partition.
+pub const RECEIPTS_STREAM: &str = "RECEIPTS";
+/// The one durable pull consumer that records receipts (all partitions, shared by replicas).
+pub const RECEIPTS_CONSUMER: &str = "receipts";
 /// NATS core subject on which fact changes (conversations, members, blocks) are announced so
 /// that every gateway drops its cached copy.
 pub const FACTS_INVALIDATE_SUBJECT: &str = "hotpath.facts.invalidate";
@@ -20,6 +24,16 @@ pub const PRESENCE_BUCKET: &str = "PRESENCE";
 /// Subject a message of `partition` is published to.
 pub fn message_subject(partition: u32) -> String {
     format!("msgs.in.{partition}")
+}
+
+/// Subject a receipt for a message of a conversation in `partition` is published to.
+pub fn receipt_subject(partition: u32) -> String {
+    format!("receipts.{partition}")
+}
+
+/// `Nats-Msg-Id` of a receipt: one per (message, user, state), so repeated acks collapse.
+pub fn receipt_msg_id(message_id: &str, user_id: &str, state: &str) -> String {
+    format!("{message_id}:{user_id}:{state}")
 }
 
 /// Durable pull consumer that persists `partition`.

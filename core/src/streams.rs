@@ -16,6 +16,8 @@ use crate::names;
 const MESSAGES_JSON: &str = include_str!("../../nats/streams/MESSAGES.json");
 const DLQ_JSON: &str = include_str!("../../nats/streams/DLQ.json");
 const DELIVERY_JSON: &str = include_str!("../../nats/consumers/delivery.json");
+const RECEIPTS_JSON: &str = include_str!("../../nats/streams/RECEIPTS.json");
+const RECEIPTS_CONSUMER_JSON: &str = include_str!("../../nats/consumers/receipts.json");
 
 /// Stream metadata key recording the partition count the stream was created with.
 const PARTITIONS_METADATA: &str = "hotpath.partitions";
@@ -42,6 +44,36 @@ pub fn dlq_stream_config() -> anyhow::Result<stream::Config> {
     serde_json::from_str(DLQ_JSON).context("nats/streams/DLQ.json")
 }
 
+pub fn receipts_stream_config() -> anyhow::Result<stream::Config> {
+    serde_json::from_str(RECEIPTS_JSON).context("nats/streams/RECEIPTS.json")
+}
+
+/// The receipts consumer: one durable over every partition, shared by all consumer replicas
+/// (receipts are recorded with an upsert that never moves backwards, so their order does not
+/// matter and any replica may take any of them).
+pub fn receipts_consumer_config(config: &Config) -> anyhow::Result<consumer::pull::Config> {
+    let mut consumer: consumer::pull::Config =
+        serde_json::from_str(RECEIPTS_CONSUMER_JSON).context("nats/consumers/receipts.json")?;
+    consumer.name = consumer.durable_name.clone();
+    consumer.ack_wait = config.ack_wait();
+    Ok(consumer)
+}
+
+/// Creates or updates the receipts consumer and returns it.
+pub async fn ensure_receipts_consumer(
+    js: &jetstream::Context,
+    config: &Config,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let stream = js
+        .get_stream(names::RECEIPTS_STREAM)
+        .await
+        .context("RECEIPTS stream")?;
+    stream
+        .create_consumer(receipts_consumer_config(config)?)
+        .await
+        .with_context(|| format!("creating consumer {}", names::RECEIPTS_CONSUMER))
+}
+
 /// The delivery consumer of `partition`, from the template with this deployment's batch size
 /// and ack wait. `max_ack_pending` equals the batch size: JetStream then hands out nothing past
 /// a batch that is still unsettled, which keeps a partition in order even across a crash.
@@ -60,7 +92,7 @@ pub fn delivery_consumer_config(
     Ok(consumer)
 }
 
-/// Creates or updates `MESSAGES` and `DLQ`. Refuses to run against a `MESSAGES` stream created
+/// Creates or updates `MESSAGES`, `RECEIPTS` and `DLQ`. Refuses to run against a `MESSAGES` stream created
 /// with another partition count: routing would silently split conversations.
 pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow::Result<()> {
     if let Ok(mut existing) = js.get_stream(names::MESSAGES_STREAM).await {
@@ -79,6 +111,9 @@ pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow:
     js.create_or_update_stream(messages_stream_config(partitions)?)
         .await
         .context("creating or updating the MESSAGES stream")?;
+    js.create_or_update_stream(receipts_stream_config()?)
+        .await
+        .context("creating or updating the RECEIPTS stream")?;
     js.create_or_update_stream(dlq_stream_config()?)
         .await
         .context("creating or updating the DLQ stream")?;
@@ -194,5 +229,14 @@ mod tests {
         assert_eq!(consumer.durable_name.as_deref(), Some("delivery-7"));
         assert_eq!(consumer.filter_subject, "msgs.in.7");
         assert_eq!(consumer.ack_policy, consumer::AckPolicy::Explicit);
+        let receipts = receipts_stream_config().unwrap();
+        assert_eq!(receipts.name, names::RECEIPTS_STREAM);
+        assert_eq!(receipts.subjects, vec!["receipts.*".to_string()]);
+        let consumer = receipts_consumer_config(&config).unwrap();
+        assert_eq!(
+            consumer.durable_name.as_deref(),
+            Some(names::RECEIPTS_CONSUMER)
+        );
+        assert_eq!(consumer.filter_subject, "receipts.*");
     }
 }

@@ -13,7 +13,8 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use hotpath_core::envelope::Envelope;
-use hotpath_core::names::{message_subject, partition_of};
+use hotpath_core::names::{message_subject, partition_of, receipt_subject};
+use hotpath_core::receipts::Receipt;
 use hotpath_core::rejection::Rejection;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
@@ -91,6 +92,35 @@ impl Producer {
             Ok(Err(error)) => Err(classify(error)),
             Err(_) => Err(unavailable(
                 "the message stream did not acknowledge in time",
+            )),
+        }
+    }
+}
+
+impl Producer {
+    /// Publishes a receipt to `receipts.<p>` (p: the conversation's partition) with
+    /// `Nats-Msg-Id` = `<messageId>:<userId>:<state>`, so a repeated ack within the stream's
+    /// duplicate window is stored once. Bounded by the publish timeout like a message.
+    pub async fn publish_receipt(&self, receipt: &Receipt) -> Result<(), Rejection> {
+        if self.client.connection_state() != State::Connected {
+            return Err(unavailable("the receipt stream is unreachable"));
+        }
+        let partition = partition_of(&receipt.conversation_id.to_string(), self.partitions);
+        let message = PublishMessage::build()
+            .payload(receipt.encode().into())
+            .message_id(receipt.msg_id());
+        let outcome = tokio::time::timeout(self.timeout, async {
+            self.js
+                .send_publish(receipt_subject(partition), message)
+                .await?
+                .await
+        })
+        .await;
+        match outcome {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(classify(error)),
+            Err(_) => Err(unavailable(
+                "the receipt stream did not acknowledge in time",
             )),
         }
     }

@@ -44,6 +44,9 @@ pub struct AppState {
     pub metrics: ProducerMetrics,
     /// This gateway's WebSockets, by user.
     pub sockets: SocketNode,
+    /// (message, user) pairs found to be a recipient of the message, with its conversation:
+    /// a message's recipients never change, so a positive answer can be kept.
+    pub receipt_targets: Cache<(Uuid, String), Uuid>,
 }
 
 impl AppState {
@@ -75,6 +78,10 @@ impl AppState {
                 config.max_in_flight_sends.max(1),
             )),
             sockets,
+            receipt_targets: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
             config: Arc::new(config),
         }
     }

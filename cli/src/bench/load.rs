@@ -19,6 +19,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
+use super::delivery::Expected;
 use super::stats::{DROPPED, Outcome, Percentiles, PhaseStats, Progress, Timing, Window};
 use super::workload::Workload;
 
@@ -33,6 +34,8 @@ pub struct Sender {
     url: String,
     workload: Arc<Workload>,
     next_seq: AtomicU64,
+    /// In delivery mode: the frames accepted sends owe the WebSocket receivers.
+    expected: Option<Arc<Expected>>,
 }
 
 impl Sender {
@@ -42,7 +45,14 @@ impl Sender {
             url: format!("{gateway}/v1/messages"),
             workload,
             next_seq: AtomicU64::new(0),
+            expected: None,
         }
+    }
+
+    /// Counts, for every accepted send, the frames it owes the delivery receivers.
+    pub fn expecting(mut self, expected: Option<Arc<Expected>>) -> Sender {
+        self.expected = expected;
+        self
     }
 
     /// Sends the next message and waits for the whole answer.
@@ -61,6 +71,11 @@ impl Sender {
             // The body is read to the end so the connection goes back to the pool.
             Ok(response) => {
                 let status = response.status().as_u16();
+                if status == 202
+                    && let Some(expected) = &self.expected
+                {
+                    expected.accepted(&message.user.id, &message.conversation.members);
+                }
                 match response.bytes().await {
                     Ok(_) => Outcome::Status(status),
                     Err(error) => Outcome::from_error(&error),

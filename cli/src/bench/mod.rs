@@ -12,9 +12,13 @@
 //!    messages;
 //! 6. a summary on stdout and the same figures as JSON ([`report`]).
 //!
+//! With `--delivery`, WebSocket receivers ([`delivery`]) listen through the latency phase and
+//! time every live `message.new` from the message's acceptance to its arrival.
+//!
 //! [`stats`] holds what the HTTP phases count and the live progress line.
 
 mod baseline;
+mod delivery;
 mod drain;
 mod load;
 mod persisted;
@@ -36,6 +40,7 @@ use hotpath_core::streams::recorded_partitions;
 use hotpath_core::{auth, db, streams};
 use sqlx::PgPool;
 
+use delivery::{DeliveryResult, Receivers};
 use load::{CapacityResult, OpenLoop, OpenLoopResult, REQUEST_TIMEOUT, Sender};
 use report::{Baselines, Machine, PersistedReport, Report, Settings};
 use workload::{CONTENT_CHARS, MAX_GROUP_MEMBERS, Workload};
@@ -106,6 +111,14 @@ pub struct BenchArgs {
     /// Lowered to fit the open-file limit (each in-flight request holds a connection).
     #[arg(long, default_value_t = 20_000)]
     pub max_in_flight: usize,
+    /// Delivery mode: WebSocket receivers listen through the latency phase, and each live
+    /// `message.new` is timed from the message's acceptance to its arrival.
+    #[arg(long)]
+    pub delivery: bool,
+    /// Receivers in delivery mode: the first N users, one socket each (users are raised to
+    /// at least N).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub receivers: u64,
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench.json")]
     pub out: PathBuf,
@@ -114,7 +127,7 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// The user count: the requested one, raised so that no user has to send faster than
     /// [`PER_USER_RATE`] in the latency phase, nor serve fewer than [`USERS_PER_WORKER`]
-    /// capacity workers' worth of sends.
+    /// capacity workers' worth of sends, nor fewer than the receivers in delivery mode.
     fn users(&self) -> usize {
         let for_rate = self.rate.div_ceil(PER_USER_RATE) as usize;
         let for_capacity = if self.capacity_secs > 0 {
@@ -122,10 +135,16 @@ impl BenchArgs {
         } else {
             0
         };
+        let for_delivery = if self.delivery {
+            self.receivers as usize
+        } else {
+            0
+        };
         self.users
             .unwrap_or(1)
             .max(for_rate)
             .max(for_capacity)
+            .max(for_delivery)
             .max(1)
     }
 }
@@ -244,6 +263,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         settings,
         latency_phase: phases.latency,
         capacity_phase: phases.capacity,
+        delivery: phases.delivery,
         persisted: phases.persisted,
         baselines,
         ratios: Default::default(),
@@ -290,6 +310,7 @@ impl System {
 struct Phases {
     latency: OpenLoopResult,
     capacity: Option<CapacityResult>,
+    delivery: Option<DeliveryResult>,
     persisted: PersistedReport,
 }
 
@@ -312,11 +333,16 @@ async fn run_phases(
     workload: &Arc<Workload>,
     max_in_flight: usize,
 ) -> anyhow::Result<Phases> {
-    let sender = Arc::new(Sender::new(
-        system.http.clone(),
-        &targets.gateway,
-        workload.clone(),
-    ));
+    let receivers = if args.delivery {
+        let count = args.receivers as usize;
+        Some(Receivers::connect(&targets.gateway, workload, count).await?)
+    } else {
+        None
+    };
+    let sender = Arc::new(
+        Sender::new(system.http.clone(), &targets.gateway, workload.clone())
+            .expecting(receivers.as_ref().map(Receivers::expected)),
+    );
     let conversation_ids = workload.conversation_ids();
     let persisted_after = |window| {
         persisted::wait_for(
@@ -333,7 +359,15 @@ async fn run_phases(
         duration_secs: args.duration_secs,
         max_in_flight,
     };
+    if let Some(receivers) = &receivers {
+        let warmup = chrono::Duration::seconds(args.warmup_secs as i64);
+        receivers.measure_from(Utc::now() + warmup);
+    }
     let latency = load::open_loop(&sender, &plan).await?;
+    let delivery = match receivers {
+        Some(receivers) => Some(receivers.finish(args.duration_secs).await?),
+        None => None,
+    };
     let latency_persisted = persisted_after(&latency.window).await?;
     let (capacity, capacity_persisted) = if args.capacity_secs > 0 {
         let concurrency = args.concurrency as usize;
@@ -355,6 +389,7 @@ async fn run_phases(
     Ok(Phases {
         latency,
         capacity,
+        delivery,
         persisted,
     })
 }

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::baseline::{RawJetStream, RawUnnest};
+use super::delivery::DeliveryResult;
 use super::load::{CapacityResult, OpenLoopResult};
 use super::persisted::Persisted;
 use super::stats::Percentiles;
@@ -26,6 +27,9 @@ pub struct Report {
     pub settings: Settings,
     pub latency_phase: OpenLoopResult,
     pub capacity_phase: Option<CapacityResult>,
+    /// Delivery mode only: live `message.new` frames received over WebSockets during the
+    /// latency phase.
+    pub delivery: Option<DeliveryResult>,
     pub persisted: PersistedReport,
     pub baselines: Baselines,
     pub ratios: Ratios,
@@ -200,6 +204,27 @@ impl Report {
                 latency.unanswered
             ));
         }
+        if let Some(delivery) = &self.delivery {
+            if delivery.frames_missing > 0 {
+                warnings.push(format!(
+                    "delivery: {} of {} expected message.new frames did not arrive",
+                    delivery.frames_missing, delivery.frames_expected
+                ));
+            }
+            if delivery.sockets_ended_early > 0 {
+                warnings.push(format!(
+                    "delivery: {} receiver sockets ended before the phase did",
+                    delivery.sockets_ended_early
+                ));
+            }
+            if delivery.clock_skewed > 0 {
+                warnings.push(format!(
+                    "delivery: {} frames arrived before their acceptedAt: the gateway's clock \
+                     is not this machine's, and the delivery latencies are off",
+                    delivery.clock_skewed
+                ));
+            }
+        }
         if let Some(capacity) = &self.capacity_phase
             && capacity.rate_limited() > 0
         {
@@ -307,6 +332,20 @@ impl Report {
             describe(&latency.outcomes),
             latency.peak_in_flight
         )?;
+        if let Some(delivery) = &self.delivery {
+            writeln!(
+                out,
+                "\ndelivery     {} WebSocket receivers (connected in {:.2} s): {}/{} message.new \
+                 frames received ({} missing), {:.0} frames/s delivered in the measured part",
+                delivery.receivers,
+                delivery.connect_secs,
+                delivery.frames_received,
+                delivery.frames_expected,
+                delivery.frames_missing,
+                delivery.delivered_per_sec
+            )?;
+            write_percentiles(out, "  accept->delivered", &delivery.accept_to_delivered_ms)?;
+        }
         if let Some(capacity) = &self.capacity_phase {
             writeln!(
                 out,

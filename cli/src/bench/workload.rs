@@ -44,6 +44,8 @@ const SENTENCES: [&str; 8] = [
 /// A benchmark user: its id, a ready `Authorization` header, and its conversations.
 pub struct User {
     pub id: String,
+    /// The bare token (for `/v1/ws?token=…`).
+    pub token: String,
     pub authorization: HeaderValue,
     /// Indexes into [`Workload::conversations`].
     pub conversations: Vec<usize>,
@@ -90,9 +92,13 @@ impl Workload {
         conversations: usize,
     ) -> anyhow::Result<Workload> {
         let ids: Vec<String> = (0..users).map(|i| format!("bench-u{i}")).collect();
-        let authorizations = ids
+        let tokens = ids
             .iter()
-            .map(|id| authorization(secret, id))
+            .map(|id| auth::mint_hs256_token(secret, id, TOKEN_TTL_SECS))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let authorizations = tokens
+            .iter()
+            .map(|token| authorization(token))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let groups = plan_groups(users, conversations);
 
@@ -113,10 +119,12 @@ impl Workload {
         }
         let users = ids
             .into_iter()
+            .zip(tokens)
             .zip(authorizations)
             .zip(memberships)
-            .map(|((id, authorization), conversations)| User {
+            .map(|(((id, token), authorization), conversations)| User {
                 id,
+                token,
                 authorization,
                 conversations,
             })
@@ -246,8 +254,7 @@ fn content(seq: u64) -> String {
     text
 }
 
-fn authorization(secret: &[u8], user_id: &str) -> anyhow::Result<HeaderValue> {
-    let token = auth::mint_hs256_token(secret, user_id, TOKEN_TTL_SECS)?;
+fn authorization(token: &str) -> anyhow::Result<HeaderValue> {
     let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
         .context("a minted token is not a valid header value")?;
     value.set_sensitive(true);

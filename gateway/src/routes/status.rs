@@ -19,13 +19,61 @@ pub struct MessageStatus {
     pub message_id: Uuid,
     pub conversation_id: Uuid,
     pub sender_id: String,
-    /// `pending` (accepted, in the stream) or `sent` (persisted).
+    /// `pending` (accepted, in the stream) or `sent` (persisted); for the sender, `delivered` /
+    /// `read` once any recipient reached that state (the furthest state any recipient reached).
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
     pub accepted_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub persisted_at: Option<DateTime<Utc>>,
+    /// Per-recipient receipts: only for the sender, and only once the message is persisted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<Vec<RecipientStatus>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecipientStatus {
+    pub user_id: String,
+    /// `sent`, `delivered` or `read`.
+    pub state: &'static str,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub read_at: Option<DateTime<Utc>>,
+}
+
+/// A recipient with the times its receipts were recorded.
+type ReceiptRow = (String, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// Each recipient of the message with its receipt, in recipient order.
+async fn recipients(state: &AppState, message_id: Uuid) -> Result<Vec<RecipientStatus>, Rejection> {
+    let rows: Vec<ReceiptRow> = sqlx::query_as(
+        "SELECT r.user_id, mr.delivered_at, mr.read_at
+           FROM messages m
+          CROSS JOIN LATERAL unnest(m.recipient_ids) WITH ORDINALITY AS r(user_id, n)
+           LEFT JOIN message_receipts mr ON mr.message_id = m.id AND mr.user_id = r.user_id
+          WHERE m.id = $1
+          ORDER BY r.n",
+    )
+    .bind(message_id)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(db_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|(user_id, delivered_at, read_at)| RecipientStatus {
+            user_id,
+            state: if read_at.is_some() {
+                "read"
+            } else if delivered_at.is_some() {
+                "delivered"
+            } else {
+                "sent"
+            },
+            delivered_at,
+            read_at,
+        })
+        .collect())
 }
 
 #[derive(sqlx::FromRow)]
@@ -38,7 +86,9 @@ struct StoredMessage {
 }
 
 /// The message's state: `sent` with its seq once persisted, `pending` while it is only in the
-/// stream. Only the sender or a member of the conversation may see it; to anyone else it does
+/// stream. For the sender, a persisted message also lists its recipients with their receipts,
+/// and its state is the furthest any recipient reached (`delivered`, `read`). Only the sender
+/// or a member of the conversation may see it; to anyone else it does
 /// not exist (404), so ids cannot be probed.
 pub async fn status(
     State(state): State<AppState>,
@@ -59,7 +109,7 @@ pub async fn status(
     .await
     .map_err(db_error)?;
 
-    let status = match row {
+    let mut status = match row {
         Some(stored) => MessageStatus {
             message_id,
             conversation_id: stored.conversation_id,
@@ -68,6 +118,7 @@ pub async fn status(
             seq: Some(stored.seq),
             accepted_at: stored.accepted_at,
             persisted_at: Some(stored.persisted_at),
+            recipients: None,
         },
         None => {
             let accepted = state
@@ -83,12 +134,22 @@ pub async fn status(
                 seq: None,
                 accepted_at: accepted.accepted_at,
                 persisted_at: None,
+                recipients: None,
             }
         }
     };
 
     if status.sender_id != user_id && !is_member(&state, status.conversation_id, &user_id).await? {
         return Err(not_found().into());
+    }
+    if status.sender_id == user_id && status.persisted_at.is_some() {
+        let recipients = recipients(&state, message_id).await?;
+        if recipients.iter().any(|r| r.read_at.is_some()) {
+            status.state = "read";
+        } else if recipients.iter().any(|r| r.delivered_at.is_some()) {
+            status.state = "delivered";
+        }
+        status.recipients = Some(recipients);
     }
     Ok(Json(status))
 }

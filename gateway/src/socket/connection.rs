@@ -1,7 +1,8 @@
 //! One WebSocket, from upgrade to close.
 //!
 //! Three tasks share the connection:
-//! * the **reader** (this task) answers the client's frames in order: sends go through the
+//! * the **reader** (this task) answers the client's frames in order (receipts, `ack`, too:
+//!   see [`super::receipt`]): sends go through the
 //!   same `accept` as `POST /v1/messages`, one at a time, so a client's messages are accepted in
 //!   the order it sent them;
 //! * the **writer** alone writes to the socket: live frames from the node (bounded queue,
@@ -207,6 +208,24 @@ impl Reader<'_> {
                 let reply = match self.send(body, correlation_id).await {
                     Ok(accepted) => protocol::send_ack(req_id.as_deref(), &accepted),
                     Err(rejection) => protocol::error(req_id.as_deref(), &rejection),
+                };
+                self.reply(reply).await;
+            }
+            ClientFrame::Ack {
+                req_id,
+                message_id,
+                state,
+            } => {
+                let reply = match super::receipt::take(self.state, self.user_id, &message_id, state)
+                    .await
+                {
+                    Ok(()) => protocol::ack_ok(req_id.as_deref()),
+                    Err(rejection) => {
+                        if let Rejection::Internal { reason } = &rejection {
+                            tracing::error!(%reason, "internal error taking a receipt");
+                        }
+                        protocol::error(req_id.as_deref(), &rejection)
+                    }
                 };
                 self.reply(reply).await;
             }

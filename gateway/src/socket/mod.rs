@@ -7,17 +7,19 @@
 //!                           node (registry: user → sockets)
 //!                                        │ bounded queue per socket
 //!                                        ▼
-//!                      connection: writer ──► WebSocket ◄── reader (send, sync, ping)
+//!                      connection: writer ──► WebSocket ◄── reader (send, sync, ping, ack)
 //! ```
 //!
 //! [`node`] keeps the registry, the subscriptions and presence; [`connection`] runs one
-//! socket; [`protocol`] is the frame format; [`sync`] is catch-up from Postgres.
+//! socket; [`protocol`] is the frame format; [`sync`] is catch-up from Postgres; [`receipt`]
+//! takes delivered/read acks.
 
 pub mod close;
 pub mod connection;
 mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod receipt;
 pub mod sync;
 
 pub use node::SocketNode;

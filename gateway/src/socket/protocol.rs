@@ -6,6 +6,7 @@
 //! as HTTP; it never closes the connection.
 
 use axum::extract::ws::Utf8Bytes;
+use hotpath_core::receipts::ReceiptState;
 use hotpath_core::rejection::Rejection;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -33,6 +34,12 @@ pub enum ClientFrame {
     },
     Ping {
         req_id: Option<String>,
+    },
+    /// A receipt: the client got (`delivered`) or showed (`read`) a message it receives.
+    Ack {
+        req_id: Option<String>,
+        message_id: String,
+        state: ReceiptState,
     },
 }
 
@@ -116,11 +123,51 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             })
         }
         "ping" => Ok(ClientFrame::Ping { req_id }),
+        "ack" => {
+            let message_id = match object.get("messageId") {
+                Some(Value::String(id)) => id.clone(),
+                Some(Value::Null) | None => {
+                    return Err(refuse(
+                        req_id,
+                        Rejection::MissingRequiredField {
+                            field: "messageId".into(),
+                        },
+                    ));
+                }
+                Some(_) => return Err(refuse(req_id, field_type("messageId", "a string"))),
+            };
+            let state = match object.get("state") {
+                Some(Value::String(state)) => ReceiptState::parse(state),
+                Some(Value::Null) | None => {
+                    return Err(refuse(
+                        req_id,
+                        Rejection::MissingRequiredField {
+                            field: "state".into(),
+                        },
+                    ));
+                }
+                Some(_) => None,
+            };
+            let Some(state) = state else {
+                return Err(refuse(
+                    req_id,
+                    Rejection::InvalidSchema {
+                        message: "state must be \"delivered\" or \"read\"".into(),
+                        details: json!({"field": "state", "expected": ["delivered", "read"]}),
+                    },
+                ));
+            };
+            Ok(ClientFrame::Ack {
+                req_id,
+                message_id,
+                state,
+            })
+        }
         other => Err(refuse(
             req_id,
             Rejection::InvalidSchema {
                 message: format!("unknown frame type {other:?}"),
-                details: json!({"type": other, "expected": ["send", "sync", "ping"]}),
+                details: json!({"type": other, "expected": ["send", "sync", "ping", "ack"]}),
             },
         )),
     }
@@ -179,6 +226,11 @@ pub fn error(req_id: Option<&str>, rejection: &Rejection) -> Utf8Bytes {
     frame("error", req_id, rejection.body())
 }
 
+/// A receipt was taken (it is recorded shortly after, and the sender told).
+pub fn ack_ok(req_id: Option<&str>) -> Utf8Bytes {
+    frame("ack.ok", req_id, json!({}))
+}
+
 pub fn pong(req_id: Option<&str>) -> Utf8Bytes {
     frame("pong", req_id, json!({}))
 }
@@ -232,6 +284,36 @@ mod tests {
                 req_id: Some("p".into())
             }
         );
+    }
+
+    #[test]
+    fn ack_frames_parse_and_bad_states_are_invalid_schema() {
+        assert_eq!(
+            parse(r#"{"type":"ack","reqId":"a","messageId":"m","state":"read"}"#).unwrap(),
+            ClientFrame::Ack {
+                req_id: Some("a".into()),
+                message_id: "m".into(),
+                state: ReceiptState::Read,
+            }
+        );
+        assert_eq!(
+            code(r#"{"type":"ack","messageId":"m","state":"sent"}"#),
+            "INVALID_SCHEMA"
+        );
+        assert_eq!(
+            code(r#"{"type":"ack","messageId":"m","state":3}"#),
+            "INVALID_SCHEMA"
+        );
+        assert_eq!(
+            code(r#"{"type":"ack","state":"read"}"#),
+            "MISSING_REQUIRED_FIELD"
+        );
+        assert_eq!(
+            code(r#"{"type":"ack","messageId":"m"}"#),
+            "MISSING_REQUIRED_FIELD"
+        );
+        let ok: Value = serde_json::from_str(&ack_ok(Some("a"))).unwrap();
+        assert_eq!(ok, json!({"type": "ack.ok", "reqId": "a"}));
     }
 
     #[test]
