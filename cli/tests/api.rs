@@ -797,3 +797,62 @@ async fn a_gateway_at_capacity_sheds_sends_with_503_and_retry_after() {
         202
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_history_page_is_dropped_when_new_messages_are_persisted() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let page_path = format!("/v1/conversations/{conversation}/messages?after_seq=0");
+    let contents = |page: &Value| -> Vec<String> {
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        system.send("alice", text(conversation, "first")).await.0,
+        202
+    );
+    system.wait_for_messages(1, Duration::from_secs(10)).await;
+    // Served twice: the second answer comes from the gateway's cache.
+    let first: Value = system.get("bob", &page_path).await.json().await.unwrap();
+    let again: Value = system.get("bob", &page_path).await.json().await.unwrap();
+    assert_eq!(
+        (contents(&first), contents(&again)),
+        (vec!["first".to_string()], vec!["first".to_string()])
+    );
+
+    assert_eq!(
+        system.send("alice", text(conversation, "second")).await.0,
+        202
+    );
+    system.wait_for_messages(2, Duration::from_secs(10)).await;
+    // Well inside the cache's lifetime, the page already shows the new message.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let page: Value = system.get("bob", &page_path).await.json().await.unwrap();
+        if contents(&page) == vec!["first".to_string(), "second".to_string()] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stale history page: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = system
+        .http
+        .get(system.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("delivery_cache_invalidated_total{cache_type=\"recent_messages\"}"),
+        "{metrics}"
+    );
+}

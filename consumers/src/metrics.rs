@@ -14,6 +14,7 @@ pub struct DeliveryMetrics {
     pub pipeline_step_duration_ms: Histogram<f64>,
     pub accept_to_persist_ms: Histogram<f64>,
     pub dlq_total: Counter<u64>,
+    pub cache_invalidated_total: Counter<u64>,
     pub consumer_pending: Gauge<u64>,
     pub consumer_ack_pending: Gauge<u64>,
     pub fanout_attempted_total: Counter<u64>,
@@ -58,6 +59,10 @@ impl DeliveryMetrics {
                 "delivery_accept_to_persist_ms",
                 "From the gateway's 202 to the message being in Postgres",
             ),
+            cache_invalidated_total: meter
+                .u64_counter("delivery_cache_invalidated_total")
+                .with_description("Cache invalidations announced to the gateways, by cache type")
+                .build(),
             dlq_total: meter
                 .u64_counter("delivery_dlq_total")
                 .with_description("Messages moved to the DLQ stream, by reason")

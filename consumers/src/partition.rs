@@ -34,7 +34,7 @@ use futures::StreamExt;
 use hotpath_core::config::Config;
 use hotpath_core::db::is_transient;
 use hotpath_core::envelope::Envelope;
-use hotpath_core::names::{MESSAGES_STREAM, delivery_consumer};
+use hotpath_core::names::{HISTORY_INVALIDATE_SUBJECT, MESSAGES_STREAM, delivery_consumer};
 use hotpath_core::streams::rewind_delivery_consumer;
 use opentelemetry::KeyValue;
 use sqlx::PgPool;
@@ -399,6 +399,7 @@ impl PartitionWorker {
         self.metrics
             .step("ack", started.elapsed().as_secs_f64() * 1000.0);
 
+        self.invalidate_history(slice, &outcome).await;
         let mut fresh: Vec<(usize, i64)> = outcome.inserted.into_iter().collect();
         fresh.sort_unstable();
         self.fanout.hand_off(
@@ -410,6 +411,30 @@ impl PartitionWorker {
                 })
                 .collect(),
         );
+    }
+
+    /// Tells the gateways that these conversations have new messages, so cached history pages
+    /// of them are dropped. Best effort: a lost announcement is bounded by the cache's TTL.
+    async fn invalidate_history(&self, slice: &[Item], outcome: &persist::Outcome) {
+        let conversations: std::collections::BTreeSet<uuid::Uuid> = outcome
+            .inserted
+            .keys()
+            .map(|&index| slice[index].envelope.conversation_id)
+            .collect();
+        let client = self.js.client();
+        for conversation_id in conversations {
+            let payload = serde_json::json!({ "conversationId": conversation_id }).to_string();
+            match client
+                .publish(HISTORY_INVALIDATE_SUBJECT, payload.into())
+                .await
+            {
+                Ok(()) => self
+                    .metrics
+                    .cache_invalidated_total
+                    .add(1, &[KeyValue::new("cache_type", "recent_messages")]),
+                Err(error) => tracing::debug!(%error, "history invalidation not announced"),
+            }
+        }
     }
 
     async fn ack(&self, message: &Message) {

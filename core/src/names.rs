@@ -17,6 +17,9 @@ pub const RECEIPTS_CONSUMER: &str = "receipts";
 /// NATS core subject on which fact changes (conversations, members, blocks) are announced so
 /// that every gateway drops its cached copy.
 pub const FACTS_INVALIDATE_SUBJECT: &str = "hotpath.facts.invalidate";
+/// NATS core subject on which the consumers announce that a conversation got new messages, so
+/// gateways drop their cached history pages of it. Payload: `{"conversationId": …}`.
+pub const HISTORY_INVALIDATE_SUBJECT: &str = "hotpath.cache.history";
 /// KV bucket saying which socket nodes hold a user's open WebSockets (see
 /// [`crate::presence`]).
 pub const PRESENCE_BUCKET: &str = "PRESENCE";

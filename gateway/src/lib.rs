@@ -66,6 +66,32 @@ pub async fn router(
             () = stop.cancelled() => {}
         }
     });
+    let mut history_changes = nats
+        .subscribe(hotpath_core::names::HISTORY_INVALIDATE_SUBJECT)
+        .await?;
+    let history_pages = state.history_pages.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        loop {
+            let message = tokio::select! {
+                message = history_changes.next() => message,
+                () = stop.cancelled() => return,
+            };
+            let Some(message) = message else { return };
+            let changed = serde_json::from_slice::<serde_json::Value>(&message.payload)
+                .ok()
+                .and_then(|v| {
+                    v.get("conversationId")?
+                        .as_str()
+                        .and_then(|s| uuid::Uuid::parse_str(s).ok())
+                });
+            if let Some(conversation) = changed {
+                // Only fails when closures are not enabled on the cache, which they are.
+                let _ = history_pages.invalidate_entries_if(move |key, _| key.0 == conversation);
+            }
+        }
+    });
     let rate_limit = state.rate_limit.clone();
     tokio::spawn(async move {
         tokio::select! {

@@ -39,6 +39,10 @@ pub struct AppState {
     pub producer: Producer,
     pub rate_limit: RateLimit,
     pub recently_accepted: Cache<Uuid, Accepted>,
+    /// History pages as served, by (conversation, after_seq, limit): a reconnect storm asks
+    /// for the same pages many times. Dropped per conversation when the consumers announce new
+    /// messages in it; the short TTL bounds a lost announcement.
+    pub history_pages: Cache<(Uuid, i64, i64), bytes::Bytes>,
     /// One permit per send being handled: the load-shedding bound.
     pub send_slots: Arc<tokio::sync::Semaphore>,
     pub metrics: ProducerMetrics,
@@ -69,6 +73,11 @@ impl AppState {
             policy_metrics: PolicyMetrics::new(),
             producer,
             rate_limit,
+            history_pages: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(5))
+                .support_invalidation_closures()
+                .build(),
             recently_accepted: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(Duration::from_secs(600))

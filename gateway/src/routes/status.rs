@@ -4,6 +4,8 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use hotpath_core::rejection::Rejection;
 use serde::{Deserialize, Serialize};
@@ -201,7 +203,7 @@ pub async fn history(
     headers: HeaderMap,
     Path(id): Path<String>,
     Query(query): Query<HistoryQuery>,
-) -> Result<Json<HistoryPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let user_id = authenticate(&state, &headers)?;
     let conversation_id = crate::routes::conversations::member_of(&state, &id, &user_id)
         .await?
@@ -209,6 +211,28 @@ pub async fn history(
     let after_seq = query.after_seq.unwrap_or(0).max(0);
     let limit = query.limit.unwrap_or(100).clamp(1, MAX_HISTORY_PAGE);
 
+    let key = (conversation_id, after_seq, limit);
+    let body = match state.history_pages.get(&key).await {
+        Some(body) => body,
+        None => {
+            let page = read_history(&state, conversation_id, after_seq, limit).await?;
+            let body =
+                bytes::Bytes::from(serde_json::to_vec(&page).map_err(|e| Rejection::Internal {
+                    reason: e.to_string(),
+                })?);
+            state.history_pages.insert(key, body.clone()).await;
+            body
+        }
+    };
+    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn read_history(
+    state: &AppState,
+    conversation_id: Uuid,
+    after_seq: i64,
+    limit: i64,
+) -> Result<HistoryPage, Rejection> {
     let messages: Vec<HistoryMessage> = sqlx::query_as(
         "SELECT id AS message_id, seq, sender_id, content, content_type, metadata, priority,
                 correlation_id, accepted_at, persisted_at
@@ -224,9 +248,9 @@ pub async fn history(
     .await
     .map_err(db_error)?;
     let next_after_seq = messages.last().map_or(after_seq, |m| m.seq);
-    Ok(Json(HistoryPage {
+    Ok(HistoryPage {
         conversation_id,
         messages,
         next_after_seq,
-    }))
+    })
 }
