@@ -227,7 +227,8 @@ pub async fn history(
     Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn read_history(
+/// One page of a conversation's history after `after_seq`, in seq order.
+pub(crate) async fn read_history(
     state: &AppState,
     conversation_id: Uuid,
     after_seq: i64,

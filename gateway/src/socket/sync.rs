@@ -10,18 +10,16 @@
 //! queue: a catch-up is paced by the client's reading, never buffered whole.
 
 use axum::extract::ws::Utf8Bytes;
-use chrono::{DateTime, Utc};
 use hotpath_core::events::{DeliveredMessage, Event};
 use hotpath_core::rejection::Rejection;
 use serde_json::{Map, Value};
-use sqlx::types::Json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::close::Ending;
 use super::protocol;
-use crate::http::db_error;
 use crate::routes::conversations::member_of;
+use crate::routes::status::read_history;
 use crate::state::AppState;
 
 /// Messages read from Postgres per query.
@@ -32,17 +30,6 @@ pub struct SyncRequest {
     pub req_id: Option<String>,
     pub conversation_id: String,
     pub after_seq: i64,
-}
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    id: Uuid,
-    seq: i64,
-    sender_id: String,
-    content: String,
-    content_type: String,
-    metadata: Json<Value>,
-    accepted_at: DateTime<Utc>,
 }
 
 /// The reply queue went away: the connection is ending.
@@ -96,28 +83,16 @@ async fn catch_up(
     };
     let mut last_seq = request.after_seq;
     loop {
-        let rows: Vec<Row> = match sqlx::query_as(
-            "SELECT id, seq, sender_id, content, content_type, metadata, accepted_at
-               FROM messages
-              WHERE conversation_id = $1 AND seq > $2
-              ORDER BY seq
-              LIMIT $3",
-        )
-        .bind(conversation_id)
-        .bind(last_seq)
-        .bind(PAGE)
-        .fetch_all(&state.pool)
-        .await
-        {
-            Ok(rows) => rows,
-            Err(error) => return Ok(Err(db_error(error))),
+        let rows = match read_history(state, conversation_id, last_seq, PAGE).await {
+            Ok(page) => page.messages,
+            Err(rejection) => return Ok(Err(rejection)),
         };
         let full_page = rows.len() as i64 == PAGE;
         for row in rows {
             last_seq = row.seq;
             let frame = Event::MessageNew {
                 message: DeliveredMessage {
-                    message_id: row.id,
+                    message_id: row.message_id,
                     conversation_id,
                     seq: row.seq,
                     sender_id: row.sender_id,
