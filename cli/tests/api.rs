@@ -1,6 +1,6 @@
 //! The HTTP API against real NATS and Postgres: the happy path, idempotency, every error class.
 
-mod support;
+use hotpath_testkit as support;
 
 use std::time::Duration;
 

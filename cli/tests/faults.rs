@@ -3,7 +3,7 @@
 //! (or publishes to JetStream directly, as a broken producer would) and asserts on what is
 //! observable: HTTP answers, rows in Postgres, entries in the DLQ stream.
 
-mod support;
+use hotpath_testkit as support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The policy chain on a running gateway: hot swap under load, rollback, refusals, and a
 //! hostile policy contained, all through NATS as operators do it.
 
-mod support;
+use hotpath_testkit as support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

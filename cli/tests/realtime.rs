@@ -2,7 +2,7 @@
 //! live `message.new` across gateways, state changes to the sender, several sockets per user,
 //! catch-up with `sync`, sends over the socket, slow clients, heartbeats, presence.
 
-mod support;
+use hotpath_testkit as support;
 
 use std::time::{Duration, Instant};
 

@@ -2,8 +2,6 @@
 //! in a temporary directory, and Hotpath's roles started in-process exactly as `hotpath up`
 //! starts them. Nothing is mocked.
 
-#![allow(dead_code)] // Each test binary uses a different part of the harness.
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
