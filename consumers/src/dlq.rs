@@ -6,8 +6,10 @@
 //! names the source position, so a crash between the DLQ publish and the term-ack cannot file
 //! it twice.
 
+use std::time::Duration;
+
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::{self, AckKind, Message, message::PublishMessage};
 use hotpath_core::names::{dlq_headers, dlq_subject};
 
 pub struct DeadLetter<'a> {
@@ -48,4 +50,34 @@ pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow:
         .await?
         .await?;
     Ok(())
+}
+
+/// Moves a fetched `message` to the DLQ: publishes the letter, then term-acks the original so
+/// it is never delivered again. If the DLQ cannot take it, the message is nak'ed for another
+/// try in a second. Returns whether it moved.
+pub async fn move_message(
+    js: &jetstream::Context,
+    message: &Message,
+    letter: DeadLetter<'_>,
+) -> bool {
+    let (source, stream_seq, deliveries, reason) = (
+        letter.source,
+        letter.stream_seq,
+        letter.deliveries,
+        letter.reason.to_string(),
+    );
+    match publish(js, letter).await {
+        Ok(()) => {
+            tracing::warn!(source, stream_seq, deliveries, reason, "moved to DLQ");
+            let _ = message.ack_with(AckKind::Term).await;
+            true
+        }
+        Err(error) => {
+            tracing::warn!(source, stream_seq, %error, "DLQ publish failed; will retry");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            false
+        }
+    }
 }

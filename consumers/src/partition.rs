@@ -481,27 +481,11 @@ impl PartitionWorker {
             deliveries,
             reason,
         };
-        match dlq::publish(&self.js, letter).await {
-            Ok(()) => {
-                tracing::warn!(
-                    partition = self.partition,
-                    stream_seq,
-                    deliveries,
-                    reason,
-                    "moved to DLQ"
-                );
-                let _ = message.ack_with(AckKind::Term).await;
-                self.metrics
-                    .dlq_total
-                    .add(1, &[KeyValue::new("source", "messages")]);
-                self.metrics.processed(self.partition, "dead_lettered", 1);
-            }
-            Err(error) => {
-                tracing::warn!(partition = self.partition, stream_seq, %error, "DLQ publish failed; will retry");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
+        if dlq::move_message(&self.js, message, letter).await {
+            self.metrics
+                .dlq_total
+                .add(1, &[KeyValue::new("source", "messages")]);
+            self.metrics.processed(self.partition, "dead_lettered", 1);
         }
     }
 }

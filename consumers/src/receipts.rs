@@ -291,20 +291,10 @@ impl ReceiptsWorker {
             deliveries,
             reason,
         };
-        match dlq::publish(&self.js, letter).await {
-            Ok(()) => {
-                tracing::warn!(stream_seq, deliveries, reason, "receipt moved to DLQ");
-                let _ = message.ack_with(AckKind::Term).await;
-                self.metrics
-                    .dlq_total
-                    .add(1, &[KeyValue::new("source", "receipts")]);
-            }
-            Err(error) => {
-                tracing::warn!(stream_seq, %error, "DLQ publish failed; will retry");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
+        if dlq::move_message(&self.js, message, letter).await {
+            self.metrics
+                .dlq_total
+                .add(1, &[KeyValue::new("source", "receipts")]);
         }
     }
 
