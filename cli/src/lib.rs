@@ -2,6 +2,7 @@
 //! the command starts.
 
 pub mod bench;
+pub mod dlq;
 pub mod policy;
 pub mod roles;
 pub mod up;

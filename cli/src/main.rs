@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use hotpath::{bench, policy, roles, up};
+use hotpath::{bench, dlq, policy, roles, up};
 use hotpath_core::auth;
 use hotpath_core::config::Config;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +43,25 @@ enum Command {
         #[command(flatten)]
         config: Config,
     },
+    /// Run the push workers (APNS, FCM: whichever has credentials) against the given NATS and
+    /// Postgres.
+    Push {
+        /// Where /metrics and /healthz are served.
+        #[arg(long, env = "HOTPATH_METRICS_LISTEN", default_value = "127.0.0.1:9092")]
+        metrics_listen: SocketAddr,
+        #[command(flatten)]
+        config: Config,
+    },
+    /// Inspect the DLQ and replay chosen entries to where they came from.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+        /// NATS URL (default: from `hotpath up`'s data directory, else nats://127.0.0.1:4222).
+        #[arg(long, env = "HOTPATH_NATS_URL", global = true)]
+        nats_url: Option<String>,
+        #[arg(long, default_value = ".hotpath", global = true)]
+        data_dir: PathBuf,
+    },
     /// Apply the database migrations and the stream definitions, then exit.
     Migrate {
         #[command(flatten)]
@@ -79,6 +98,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     hotpath_core::telemetry::init_tracing();
+    hotpath_core::tls::install_crypto_provider();
     match Cli::parse().command {
         Command::Up { data_dir, config } => up::up(&data_dir, config.listen, config).await,
         Command::Gateway { config } => {
@@ -102,6 +122,24 @@ async fn main() -> anyhow::Result<()> {
             metrics.await??;
             outcome
         }
+        Command::Push {
+            metrics_listen,
+            config,
+        } => {
+            tracing::info!(config = %config, "configuration");
+            roles::prepare(&config).await?;
+            let shutdown = CancellationToken::new();
+            let metrics = roles::spawn_metrics_endpoint(metrics_listen, shutdown.clone()).await?;
+            let task = roles::spawn_push(config, None, shutdown.clone()).await?;
+            let outcome = roles::run_until_signal("push workers", task, shutdown.clone()).await;
+            metrics.await??;
+            outcome
+        }
+        Command::Dlq {
+            command,
+            nats_url,
+            data_dir,
+        } => dlq::run(command, policy::nats_url(nats_url, &data_dir)).await,
         Command::Migrate { config } => roles::prepare(&config).await,
         Command::Token {
             user_id,

@@ -1,5 +1,6 @@
-//! Starting Hotpath's roles. `hotpath gateway` and `hotpath consumers` run one each (that is
-//! how Kubernetes runs them); `hotpath up` and the tests run both in one process.
+//! Starting Hotpath's roles. `hotpath gateway`, `hotpath consumers` and `hotpath push` run one
+//! each (that is how Kubernetes runs them); `hotpath up` and the tests run them all in one
+//! process.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -83,6 +84,24 @@ pub async fn spawn_consumers(
     let pool = db::connect(&config.database_url, config.db_max_connections).await?;
     Ok(tokio::spawn(async move {
         hotpath_consumers::run(&config, nats, pool, shutdown).await
+    }))
+}
+
+/// Starts the push workers on a task until `shutdown`, with the senders the configuration
+/// has credentials for (`senders`: tests pass their own).
+pub async fn spawn_push(
+    config: Config,
+    senders: Option<hotpath_consumers::push::Senders>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let senders = match senders {
+        Some(senders) => senders,
+        None => hotpath_consumers::push::senders_from_config(&config)?,
+    };
+    let nats = streams::connect(&config.nats_url, "hotpath-push").await?;
+    let pool = db::connect(&config.database_url, config.db_max_connections).await?;
+    Ok(tokio::spawn(async move {
+        hotpath_consumers::push::worker::run(&config, nats, pool, senders, shutdown).await
     }))
 }
 

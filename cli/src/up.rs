@@ -97,6 +97,7 @@ async fn run_until_signal(
 ) -> anyhow::Result<()> {
     roles::prepare(config).await?;
     let mut consumers = roles::spawn_consumers(config.clone(), shutdown.clone()).await?;
+    let mut push = roles::spawn_push(config.clone(), None, shutdown.clone()).await?;
     let (addr, mut gateway) = roles::spawn_gateway(config.clone(), shutdown.clone()).await?;
     print_welcome(addr, config, data_dir)?;
 
@@ -106,6 +107,7 @@ async fn run_until_signal(
         () = roles::termination_signal() => None,
         ended = &mut gateway => Some(("gateway", ended)),
         ended = &mut consumers => Some(("consumers", ended)),
+        ended = &mut push => Some(("push workers", ended)),
     };
     shutdown.cancel();
     if let Some((role, ended)) = early_end {
@@ -121,13 +123,15 @@ async fn run_until_signal(
     let drained = tokio::time::timeout(Duration::from_secs(30), async {
         let gateway = gateway.await;
         let consumers = consumers.await;
-        (gateway, consumers)
+        let push = push.await;
+        (gateway, consumers, push)
     })
     .await;
     match drained {
-        Ok((gateway, consumers)) => {
+        Ok((gateway, consumers, push)) => {
             gateway.context("gateway task")??;
             consumers.context("consumers task")??;
+            push.context("push workers task")??;
         }
         Err(_) => tracing::warn!("roles did not stop within 30 s"),
     }

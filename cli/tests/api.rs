@@ -856,3 +856,292 @@ async fn a_cached_history_page_is_dropped_when_new_messages_are_persisted() {
         "{metrics}"
     );
 }
+
+/// Calls `path` as `user` (anonymously with `None`) and returns (status, JSON body or null).
+async fn call(
+    system: &System,
+    method: reqwest::Method,
+    user: Option<&str>,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = system.http.request(method, system.url(path));
+    if let Some(user) = user {
+        request = request.bearer_auth(system.token(user));
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("request completes");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn register_device(system: &System, user: &str, body: Value) -> (u16, Value) {
+    call(
+        system,
+        reqwest::Method::POST,
+        Some(user),
+        "/v1/devices",
+        Some(body),
+    )
+    .await
+}
+
+async fn device_tokens(system: &System, user: &str) -> Vec<String> {
+    let (status, list) = call(
+        system,
+        reqwest::Method::GET,
+        Some(user),
+        "/v1/devices",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    list["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|d| d["token"].as_str().expect("token").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_token_is_registered_refreshed_moved_and_forgotten_by_its_owner_only() {
+    let system = System::start().await;
+    let token = "fcm:APA91b-token_1";
+    let fcm = |app_id: &str| json!({"platform": "fcm", "token": token, "appId": app_id});
+
+    // Every device route wants a bearer token.
+    for (method, path, body) in [
+        (reqwest::Method::POST, "/v1/devices", Some(fcm("app"))),
+        (reqwest::Method::GET, "/v1/devices", None),
+        (reqwest::Method::DELETE, "/v1/devices/x", None),
+    ] {
+        let (status, error) = call(&system, method, None, path, body).await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (401, Some("UNAUTHORIZED"))
+        );
+    }
+
+    let (status, created) = register_device(&system, "alice", fcm("com.example.one")).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["token"], token);
+    assert_eq!(created["platform"], "fcm");
+    assert_eq!(created["appId"], "com.example.one");
+    assert_eq!(created["sandbox"], false);
+    let (status, refreshed) = register_device(&system, "alice", fcm("com.example.two")).await;
+    assert_eq!(status, 200, "{refreshed}");
+    assert_eq!(refreshed["appId"], "com.example.two");
+    assert_eq!(refreshed["createdAt"], created["createdAt"]);
+    let (_, list) = call(
+        &system,
+        reqwest::Method::GET,
+        Some("alice"),
+        "/v1/devices",
+        None,
+    )
+    .await;
+    assert_eq!(list, json!({"devices": [refreshed]}));
+
+    // The phone signs in as bob: the token is his now.
+    let (status, moved) = register_device(&system, "bob", fcm("com.example.two")).await;
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(device_tokens(&system, "alice").await, Vec::<String>::new());
+    assert_eq!(device_tokens(&system, "bob").await, vec![token.to_string()]);
+
+    let apns = "0a".repeat(32);
+    let invalid = [
+        (
+            json!({"platform": "webpush", "token": token, "appId": "a"}),
+            "platform",
+        ),
+        (
+            json!({"platform": "fcm", "token": "", "appId": "a"}),
+            "token",
+        ),
+        (
+            json!({"platform": "fcm", "token": "has space", "appId": "a"}),
+            "token",
+        ),
+        (
+            json!({"platform": "fcm", "token": "x".repeat(4097), "appId": "a"}),
+            "token",
+        ),
+        (
+            json!({"platform": "apns", "token": "zz".repeat(32), "appId": "a"}),
+            "token",
+        ),
+        (
+            json!({"platform": "apns", "token": "0a".repeat(31), "appId": "a"}),
+            "token",
+        ),
+        (
+            json!({"platform": "fcm", "token": token, "appId": "com/example"}),
+            "appId",
+        ),
+        (
+            json!({"platform": "fcm", "token": token, "appId": ""}),
+            "appId",
+        ),
+        (
+            json!({"platform": "fcm", "token": token, "appId": "a", "sandbox": true}),
+            "sandbox",
+        ),
+        (
+            json!({"platform": "apns", "token": apns, "appId": "a b", "sandbox": true}),
+            "appId",
+        ),
+    ];
+    for (body, field) in invalid {
+        let (status, error) = register_device(&system, "carol", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        assert_eq!(error["error"]["code"], "INVALID_SCHEMA", "{body}");
+        assert_eq!(error["error"]["details"]["field"], field, "{body}");
+    }
+    let (status, _) = register_device(
+        &system,
+        "carol",
+        json!({"platform": "fcm", "token": "t", "appId": "a", "extra": 1}),
+    )
+    .await;
+    assert_eq!(status, 400, "unknown fields are refused");
+    assert_eq!(device_tokens(&system, "carol").await, Vec::<String>::new());
+    let (status, sandboxed) = register_device(
+        &system,
+        "carol",
+        json!({"platform": "apns", "token": apns, "appId": "com.example.App", "sandbox": true}),
+    )
+    .await;
+    assert_eq!((status, &sandboxed["sandbox"]), (201, &json!(true)));
+
+    // Alice no longer owns the token: she cannot forget it, and it stays bob's.
+    let path = format!("/v1/devices/{token}");
+    let (status, error) = call(&system, reqwest::Method::DELETE, Some("alice"), &path, None).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("DEVICE_NOT_FOUND"))
+    );
+    assert!(
+        !error.to_string().contains(token),
+        "the token is echoed: {error}"
+    );
+    let (owner,): (String,) = sqlx::query_as("SELECT user_id FROM devices WHERE token = $1")
+        .bind(token)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, "bob");
+
+    let (status, _) = call(&system, reqwest::Method::DELETE, Some("bob"), &path, None).await;
+    assert_eq!(status, 204);
+    let (status, error) = call(&system, reqwest::Method::DELETE, Some("bob"), &path, None).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("DEVICE_NOT_FOUND"))
+    );
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM devices WHERE token = $1")
+        .bind(token)
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_keeps_the_twenty_most_recently_registered_devices() {
+    let system = System::start().await;
+    let fcm = |i: usize| json!({"platform": "fcm", "token": format!("device-{i}"), "appId": "a"});
+    for i in 0..20 {
+        assert_eq!(register_device(&system, "alice", fcm(i)).await.0, 201);
+    }
+    // Device 0 is refreshed, so device 1 is now the stalest.
+    assert_eq!(register_device(&system, "alice", fcm(0)).await.0, 200);
+    assert_eq!(register_device(&system, "alice", fcm(20)).await.0, 201);
+
+    let (stored,): (Vec<String>,) = sqlx::query_as(
+        "SELECT array_agg(token ORDER BY token) FROM devices WHERE user_id = 'alice'",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 20);
+    assert!(!stored.contains(&"device-1".to_string()), "{stored:?}");
+    let listed = device_tokens(&system, "alice").await;
+    assert_eq!(listed.len(), 20);
+    assert_eq!(&listed[..2], ["device-20", "device-0"], "newest first");
+    assert_eq!(listed[19], "device-2");
+}
+
+async fn stored_push_preview(system: &System, conversation: Uuid) -> bool {
+    let (preview,): (bool,) =
+        sqlx::query_as("SELECT push_preview FROM conversations WHERE id = $1")
+            .bind(conversation)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+    preview
+}
+
+async fn put(system: &System, user: Option<&str>, path: &str, body: Value) -> (u16, Value) {
+    call(system, reqwest::Method::PUT, user, path, Some(body)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_previews_are_set_at_creation_or_later_by_members_only() {
+    let system = System::start().await;
+
+    let (status, quiet) = call(
+        &system,
+        reqwest::Method::POST,
+        Some("alice"),
+        "/v1/conversations",
+        Some(json!({"type": "group", "members": ["bob"], "pushPreview": false})),
+    )
+    .await;
+    assert_eq!((status, &quiet["pushPreview"]), (201, &json!(false)));
+    let quiet = Uuid::parse_str(quiet["conversationId"].as_str().unwrap()).unwrap();
+    assert!(!stored_push_preview(&system, quiet).await);
+
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    assert!(
+        stored_push_preview(&system, conversation).await,
+        "previews by default"
+    );
+    let path = format!("/v1/conversations/{conversation}/settings");
+    let (status, answer) = put(&system, Some("bob"), &path, json!({"pushPreview": false})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"conversationId": conversation.to_string(), "pushPreview": false})
+    );
+    assert!(!stored_push_preview(&system, conversation).await);
+
+    // Outsiders, unknown ids, anonymous callers and malformed bodies change nothing.
+    let (status, error) = put(&system, Some("eve"), &path, json!({"pushPreview": true})).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("CONVERSATION_NOT_FOUND"))
+    );
+    let unknown = format!("/v1/conversations/{}/settings", Uuid::new_v4());
+    let (status, _) = put(
+        &system,
+        Some("alice"),
+        &unknown,
+        json!({"pushPreview": true}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = put(&system, None, &path, json!({"pushPreview": true})).await;
+    assert_eq!(status, 401);
+    for body in [
+        json!({}),
+        json!({"pushPreview": "yes"}),
+        json!({"pushPreview": true, "x": 1}),
+    ] {
+        let (status, error) = put(&system, Some("alice"), &path, body.clone()).await;
+        assert_eq!(status, 400, "{body}: {error}");
+    }
+    assert!(!stored_push_preview(&system, conversation).await);
+}

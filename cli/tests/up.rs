@@ -181,6 +181,7 @@ async fn hotpath_up_survives_ctrl_c_and_kill_9_with_its_data() {
         .expect("temp dir");
     let data_dir = dir.path().join("data");
     let port = free_port();
+    hotpath_core::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

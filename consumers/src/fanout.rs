@@ -13,10 +13,10 @@
 //!   is slow the queue fills and fanout of further batches is dropped and counted, never
 //!   holding up persistence or acks;
 //! * presence (`hotpath_core::presence`, cached for a second) decides whether a recipient is
-//!   counted online, with how many sockets, or offline; offline recipients are where push
-//!   notifications will hand off (there is no push sender yet: they are counted and logged).
-//!   Offline recipients are still published to: presence may be up to a cache period behind
-//!   a device that just connected, and a publish nobody listens to costs NATS next to nothing.
+//!   counted online, with how many sockets, or offline (their devices were already given a
+//!   push task before the batch was acknowledged, see [`crate::push::schedule`]). Offline
+//!   recipients are still published to: presence may be up to a cache period behind a device
+//!   that just connected, and a publish nobody listens to costs NATS next to nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,7 +101,7 @@ impl PresenceLookup {
 
     /// The user's open sockets on live nodes (0: offline). Concurrent lookups of one user
     /// share one read.
-    async fn sockets(&self, user_id: &str) -> Result<u32, Arc<anyhow::Error>> {
+    pub(crate) async fn sockets(&self, user_id: &str) -> Result<u32, Arc<anyhow::Error>> {
         self.cache
             .try_get_with_by_ref(user_id, async {
                 // Opened on first use: the consumers persist whether or not presence works.
@@ -196,7 +196,7 @@ impl Fanout {
                             partition = self.partition,
                             recipient,
                             message_id = %envelope.message_id,
-                            "recipient offline: left for catch-up (no push sender exists yet)"
+                            "recipient offline: left for push and catch-up"
                         );
                     }
                 }

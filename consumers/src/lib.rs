@@ -10,9 +10,11 @@
 
 mod dlq;
 pub mod fanout;
+mod fetch;
 mod metrics;
 pub mod partition;
 pub mod persist;
+pub mod push;
 pub mod receipts;
 
 use std::time::Duration;
@@ -41,6 +43,12 @@ pub async fn run(
     let js = jetstream::new(nats.clone());
     let metrics = DeliveryMetrics::new();
     let presence = fanout::PresenceLookup::new(js.clone(), config.presence_ttl());
+    let push = push::schedule::PushScheduler::new(
+        pool.clone(),
+        js.clone(),
+        presence.clone(),
+        metrics.clone(),
+    );
     let partitions = config.owned_partitions();
     let shared_config = std::sync::Arc::new(config.clone());
     let mut workers = JoinSet::new();
@@ -53,6 +61,7 @@ pub async fn run(
             shutdown.clone(),
         );
         let fanout = fanout::spawn(partition, nats.clone(), presence.clone(), metrics.clone());
+        let push = push.clone();
         workers.spawn(async move {
             // Creating the consumer needs NATS: keep trying (NATS may be restarting) rather
             // than leave this partition without a worker.
@@ -72,6 +81,7 @@ pub async fn run(
                 config,
                 metrics,
                 fanout,
+                push,
             };
             worker.run(shutdown).await;
         });

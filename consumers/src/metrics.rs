@@ -20,6 +20,10 @@ pub struct DeliveryMetrics {
     pub fanout_attempted_total: Counter<u64>,
     pub fanout_delivered_total: Counter<u64>,
     pub fanout_failed_total: Counter<u64>,
+    pub push_enqueued_total: Counter<u64>,
+    pub push_sent_total: Counter<u64>,
+    pub push_failed_total: Counter<u64>,
+    pub push_breaker_open: Gauge<u64>,
 }
 
 impl DeliveryMetrics {
@@ -93,6 +97,25 @@ impl DeliveryMetrics {
                 .u64_counter("delivery_fanout_failed_total")
                 .with_description("Fanout steps that failed, by reason")
                 .build(),
+            push_enqueued_total: meter
+                .u64_counter("delivery_push_enqueued_total")
+                .with_description("Push tasks scheduled for offline recipients, by reason")
+                .build(),
+            push_sent_total: meter
+                .u64_counter("delivery_push_sent_total")
+                .with_description("Pushes the provider accepted, by platform")
+                .build(),
+            push_failed_total: meter
+                .u64_counter("delivery_push_failed_total")
+                .with_description(
+                    "Pushes that failed, by reason (invalid_token, unavailable, auth, rejected, \
+                     dead_lettered, enqueue_failed, …); alert on auth",
+                )
+                .build(),
+            push_breaker_open: meter
+                .u64_gauge("delivery_push_breaker_open")
+                .with_description("1 while a platform's circuit breaker holds its pushes back")
+                .build(),
         }
     }
 
@@ -116,6 +139,23 @@ impl DeliveryMetrics {
     pub fn fanout_failed(&self, reason: &'static str, count: u64) {
         if count > 0 {
             self.fanout_failed_total
+                .add(count, &[KeyValue::new("reason", reason)]);
+        }
+    }
+
+    pub fn push_enqueued(&self, reason: &'static str) {
+        self.push_enqueued_total
+            .add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    pub fn push_sent(&self, platform: &'static str) {
+        self.push_sent_total
+            .add(1, &[KeyValue::new("platform", platform)]);
+    }
+
+    pub fn push_failed(&self, reason: &'static str, count: u64) {
+        if count > 0 {
+            self.push_failed_total
                 .add(count, &[KeyValue::new("reason", reason)]);
         }
     }

@@ -30,7 +30,6 @@ use std::sync::Arc;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind, Message};
-use futures::StreamExt;
 use hotpath_core::config::Config;
 use hotpath_core::db::is_transient;
 use hotpath_core::envelope::Envelope;
@@ -42,8 +41,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dlq::{self, DeadLetter};
 use crate::fanout::{FanoutQueue, Persisted};
+use crate::fetch;
 use crate::metrics::DeliveryMetrics;
 use crate::persist::{self, Row};
+use crate::push::schedule::PushScheduler;
 
 pub struct PartitionWorker {
     pub partition: u32,
@@ -59,6 +60,8 @@ pub struct PartitionWorker {
     pub max_retry_delay: Duration,
     /// Where newly persisted messages go to be told to connected users.
     pub fanout: FanoutQueue,
+    /// Schedules pushes to offline recipients' devices before a batch is acknowledged.
+    pub push: PushScheduler,
 }
 
 /// A fetched message whose envelope could be read.
@@ -67,12 +70,6 @@ struct Item {
     envelope: Envelope,
     stream_seq: u64,
     deliveries: i64,
-}
-
-/// The messages a fetch got, in stream order, and the error that cut it short, if any.
-struct Fetched {
-    messages: Vec<Message>,
-    error: Option<anyhow::Error>,
 }
 
 /// Sleeps for `delay` (doubling it, up to 5 s) unless shutdown comes first; false on shutdown.
@@ -111,7 +108,7 @@ impl PartitionWorker {
                 }
             }
             let fetched = tokio::select! {
-                fetched = self.next_batch() => fetched,
+                fetched = fetch::next_batch(&self.consumer, self.batch_size) => fetched,
                 () = shutdown.cancelled() => break,
             };
             if !fetched.messages.is_empty() {
@@ -153,71 +150,6 @@ impl PartitionWorker {
         self.consumer =
             rewind_delivery_consumer(&self.js, self.partition, &self.config, floor).await?;
         Ok(())
-    }
-
-    /// Whatever is waiting, up to a batch; if nothing is, waits (long poll) for the next
-    /// message and takes what arrived with it. A failure part-way keeps what did arrive.
-    async fn next_batch(&self) -> Fetched {
-        let mut fetched = self.fetch_available(self.batch_size).await;
-        if !fetched.messages.is_empty() || fetched.error.is_some() {
-            return fetched;
-        }
-        let first = async {
-            let mut wait = self
-                .consumer
-                .batch()
-                .max_messages(1)
-                .expires(Duration::from_secs(5))
-                .messages()
-                .await?;
-            match tokio::time::timeout(Duration::from_secs(10), wait.next()).await {
-                Ok(Some(message)) => Ok(Some(message.map_err(anyhow::Error::from_boxed)?)),
-                Ok(None) => Ok(None),
-                Err(_) => anyhow::bail!("long poll did not complete within 10 s"),
-            }
-        };
-        match first.await {
-            Ok(Some(message)) => fetched.messages.push(message),
-            Ok(None) => return fetched,
-            Err(error) => {
-                fetched.error = Some(error);
-                return fetched;
-            }
-        }
-        if self.batch_size > 1 {
-            let more = self.fetch_available(self.batch_size - 1).await;
-            fetched.messages.extend(more.messages);
-            fetched.error = more.error;
-        }
-        fetched
-    }
-
-    async fn fetch_available(&self, max: usize) -> Fetched {
-        let mut fetched = Fetched {
-            messages: Vec::new(),
-            error: None,
-        };
-        let mut fetch = match self.consumer.fetch().max_messages(max).messages().await {
-            Ok(fetch) => fetch,
-            Err(error) => {
-                fetched.error = Some(error.into());
-                return fetched;
-            }
-        };
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), fetch.next()).await {
-                Ok(Some(Ok(message))) => fetched.messages.push(message),
-                Ok(Some(Err(error))) => {
-                    fetched.error = Some(anyhow::Error::from_boxed(error));
-                    return fetched;
-                }
-                Ok(None) => return fetched,
-                Err(_) => {
-                    fetched.error = Some(anyhow::anyhow!("fetch did not complete within 10 s"));
-                    return fetched;
-                }
-            }
-        }
     }
 
     async fn process(&self, batch: Vec<Message>, shutdown: &CancellationToken) {
@@ -355,10 +287,22 @@ impl PartitionWorker {
         }
     }
 
-    /// Acknowledges what was stored (or already stored); sets aside what can never be; then
-    /// hands the newly stored messages, in stream (= seq) order, to fanout without waiting on
-    /// it. Duplicates are not fanned out again: they were when first stored.
+    /// Schedules pushes for what is stored, then acknowledges it; sets aside what can never
+    /// be stored; then hands the newly stored messages, in stream (= seq) order, to fanout
+    /// without waiting on it. Duplicates are not fanned out again: they were when first
+    /// stored. Their pushes are scheduled again, because the batch that stored them may have
+    /// died before scheduling; the tasks' message ids make that harmless.
     async fn settle(&self, slice: &[Item], outcome: persist::Outcome) {
+        let started = Instant::now();
+        let stored: Vec<&Envelope> = outcome
+            .inserted
+            .keys()
+            .chain(&outcome.duplicates)
+            .map(|&index| &slice[index].envelope)
+            .collect();
+        self.push.schedule(&stored).await;
+        self.metrics
+            .step("push", started.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
         let now = chrono::Utc::now();
         for index in outcome.inserted.keys() {

@@ -120,6 +120,101 @@ pub struct Config {
     /// within this time.
     #[arg(long, env = "HOTPATH_PRESENCE_TTL_SECS", default_value_t = 30)]
     pub presence_ttl_secs: u64,
+
+    /// Delays before the retries of a failed push, comma-separated milliseconds; after the
+    /// last one fails the task goes to the DLQ.
+    #[arg(long, env = "HOTPATH_PUSH_BACKOFF_MS", default_value = "1000,5000,30000", value_parser = parse_backoff)]
+    pub push_backoff_ms: Backoff,
+
+    /// Push tasks a push worker handles at once (per platform).
+    #[arg(long, env = "HOTPATH_PUSH_CONCURRENCY", default_value_t = 32)]
+    pub push_concurrency: usize,
+
+    /// How long one request to APNS or FCM may take before it counts as failed (and is retried).
+    #[arg(long, env = "HOTPATH_PUSH_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    pub push_request_timeout_secs: u64,
+
+    /// Consecutive provider failures (unavailable, rate limited, timeouts, auth) after which a
+    /// platform's circuit breaker opens: its tasks then wait in the stream.
+    #[arg(long, env = "HOTPATH_PUSH_BREAKER_FAILURES", default_value_t = 5)]
+    pub push_breaker_failures: u32,
+
+    /// How long an open breaker waits before trying the provider again (doubling, up to ten
+    /// times this, while the trials keep failing).
+    #[arg(long, env = "HOTPATH_PUSH_BREAKER_OPEN_SECS", default_value_t = 30)]
+    pub push_breaker_open_secs: u64,
+
+    /// How long a push stays worth delivering: APNS expiration and FCM TTL.
+    #[arg(long, env = "HOTPATH_PUSH_TTL_SECS", default_value_t = 86_400)]
+    pub push_ttl_secs: u64,
+
+    /// APNS token auth: the `.p8` signing key file from Apple.
+    #[arg(long, env = "HOTPATH_APNS_KEY_FILE")]
+    pub apns_key_file: Option<PathBuf>,
+
+    /// APNS token auth: the `.p8` key's contents, for when it comes as a secret in the
+    /// environment rather than a file.
+    #[arg(long, env = "HOTPATH_APNS_KEY", hide_env_values = true)]
+    pub apns_key: Option<String>,
+
+    /// APNS token auth: the key's id.
+    #[arg(long, env = "HOTPATH_APNS_KEY_ID")]
+    pub apns_key_id: Option<String>,
+
+    /// APNS token auth: the developer team id.
+    #[arg(long, env = "HOTPATH_APNS_TEAM_ID")]
+    pub apns_team_id: Option<String>,
+
+    /// APNS certificate auth: the client certificate, PEM (convert a `.p12` with `openssl
+    /// pkcs12 -in cert.p12 -clcerts -nokeys -out cert.pem`).
+    #[arg(long, env = "HOTPATH_APNS_CERT_FILE")]
+    pub apns_cert_file: Option<PathBuf>,
+
+    /// APNS certificate auth: the certificate's private key, PEM.
+    #[arg(long, env = "HOTPATH_APNS_CERT_KEY_FILE")]
+    pub apns_cert_key_file: Option<PathBuf>,
+
+    /// FCM: the Firebase service-account JSON file.
+    #[arg(long, env = "HOTPATH_FCM_CREDENTIALS_FILE")]
+    pub fcm_credentials_file: Option<PathBuf>,
+
+    /// FCM: the service-account JSON itself, for when it comes as a secret in the environment.
+    #[arg(long, env = "HOTPATH_FCM_CREDENTIALS", hide_env_values = true)]
+    pub fcm_credentials: Option<String>,
+
+    /// FCM: the HTTP v1 API's base URL.
+    #[arg(
+        long,
+        env = "HOTPATH_FCM_BASE_URL",
+        default_value = "https://fcm.googleapis.com"
+    )]
+    pub fcm_base_url: String,
+
+    /// FCM: OAuth token endpoint; default: the service account's `token_uri`.
+    #[arg(long, env = "HOTPATH_FCM_TOKEN_URI")]
+    pub fcm_token_uri: Option<String>,
+
+    /// FCM: the Firebase project; default: the service account's `project_id`.
+    #[arg(long, env = "HOTPATH_FCM_PROJECT_ID")]
+    pub fcm_project_id: Option<String>,
+}
+
+/// Retry delays, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff(pub Vec<Duration>);
+
+fn parse_backoff(text: &str) -> Result<Backoff, String> {
+    let delays = text
+        .split(',')
+        .map(|part| part.trim())
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| format!("{part:?} is not a number of milliseconds"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Backoff(delays))
 }
 
 #[derive(Parser)]
@@ -157,6 +252,18 @@ impl Config {
     pub fn presence_ttl(&self) -> Duration {
         // Below 3 s the refresh (every third) would be sub-second: not worth the traffic.
         Duration::from_secs(self.presence_ttl_secs.max(3))
+    }
+
+    pub fn push_request_timeout(&self) -> Duration {
+        Duration::from_secs(self.push_request_timeout_secs.max(1))
+    }
+
+    pub fn push_breaker_open(&self) -> Duration {
+        Duration::from_secs(self.push_breaker_open_secs.max(1))
+    }
+
+    pub fn push_ttl(&self) -> Duration {
+        Duration::from_secs(self.push_ttl_secs)
     }
 
     /// The partitions this consumer replica owns.
@@ -209,6 +316,45 @@ impl fmt::Display for Config {
             self.ws_outbound_queue, self.ws_ping_interval_secs, self.ws_heartbeat_timeout_secs
         )?;
         writeln!(f, "presence_ttl_secs={}", self.presence_ttl_secs)?;
+        let delays: Vec<String> = self
+            .push_backoff_ms
+            .0
+            .iter()
+            .map(|d| d.as_millis().to_string())
+            .collect();
+        writeln!(
+            f,
+            "push_backoff_ms={} push_concurrency={} push_request_timeout_secs={} \
+             push_breaker_failures={} push_breaker_open_secs={} push_ttl_secs={}",
+            delays.join(","),
+            self.push_concurrency,
+            self.push_request_timeout_secs,
+            self.push_breaker_failures,
+            self.push_breaker_open_secs,
+            self.push_ttl_secs
+        )?;
+        let set = |secret: bool| if secret { "<set>" } else { "<unset>" };
+        writeln!(
+            f,
+            "apns_key_file={:?} apns_key={} apns_key_id={:?} apns_team_id={:?} \
+             apns_cert_file={:?} apns_cert_key_file={:?}",
+            self.apns_key_file,
+            set(self.apns_key.is_some()),
+            self.apns_key_id,
+            self.apns_team_id,
+            self.apns_cert_file,
+            self.apns_cert_key_file
+        )?;
+        writeln!(
+            f,
+            "fcm_credentials_file={:?} fcm_credentials={} fcm_base_url={} fcm_token_uri={:?} \
+             fcm_project_id={:?}",
+            self.fcm_credentials_file,
+            set(self.fcm_credentials.is_some()),
+            self.fcm_base_url,
+            self.fcm_token_uri,
+            self.fcm_project_id
+        )?;
         write!(
             f,
             "consumer_replica={}/{}",
@@ -245,6 +391,26 @@ mod tests {
             redact_url_password("postgres://u@h/db"),
             "postgres://u@h/db"
         );
+    }
+
+    #[test]
+    fn backoff_parses_and_secrets_stay_hidden() {
+        let config = Config::from_env().unwrap();
+        assert_eq!(
+            config.push_backoff_ms.0,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30)
+            ]
+        );
+        assert!(parse_backoff("100, x").is_err());
+        let mut config = config;
+        config.fcm_credentials = Some("{\"private_key\": \"very-secret\"}".into());
+        config.apns_key = Some("-----BEGIN PRIVATE KEY----- very-secret".into());
+        let printed = config.to_string();
+        assert!(!printed.contains("very-secret"), "{printed}");
+        assert!(printed.contains("fcm_credentials=<set>"));
     }
 
     #[test]

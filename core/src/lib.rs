@@ -17,3 +17,4 @@ pub mod receipts;
 pub mod rejection;
 pub mod streams;
 pub mod telemetry;
+pub mod tls;

@@ -14,6 +14,9 @@ pub const DLQ_STREAM: &str = "DLQ";
 pub const RECEIPTS_STREAM: &str = "RECEIPTS";
 /// The one durable pull consumer that records receipts (all partitions, shared by replicas).
 pub const RECEIPTS_CONSUMER: &str = "receipts";
+/// Work-queue stream of push tasks: one per (message, offline recipient, platform), on
+/// `push.<platform>`; each task is removed once its push workers are done with it.
+pub const PUSH_STREAM: &str = "PUSH";
 /// NATS core subject on which fact changes (conversations, members, blocks) are announced so
 /// that every gateway drops its cached copy.
 pub const FACTS_INVALIDATE_SUBJECT: &str = "hotpath.facts.invalidate";
@@ -42,6 +45,23 @@ pub fn receipt_msg_id(message_id: &str, user_id: &str, state: &str) -> String {
 /// Durable pull consumer that persists `partition`.
 pub fn delivery_consumer(partition: u32) -> String {
     format!("delivery-{partition}")
+}
+
+/// Subject of push tasks for devices of `platform` (`apns`, `fcm`).
+pub fn push_subject(platform: &str) -> String {
+    format!("push.{platform}")
+}
+
+/// Durable pull consumer of the push workers for `platform`: one per platform, so a provider
+/// that is down holds back only its own tasks.
+pub fn push_consumer(platform: &str) -> String {
+    format!("push-{platform}")
+}
+
+/// `Nats-Msg-Id` of a push task: one per (message, recipient, platform), so a delivery batch
+/// processed twice schedules each push once.
+pub fn push_task_msg_id(message_id: &str, user_id: &str, platform: &str) -> String {
+    format!("push:{message_id}:{}:{platform}", user_token(user_id))
 }
 
 /// DLQ subject for what failed in `source` (for example `messages`).

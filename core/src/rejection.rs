@@ -45,6 +45,10 @@ pub enum Rejection {
     },
     #[error("message not found: {message_id}")]
     MessageNotFound { message_id: String },
+    /// The caller has no device with that push token. The token itself is never echoed: it is
+    /// a credential for pushing to someone's phone.
+    #[error("device not found")]
+    DeviceNotFound,
     #[error("no such route")]
     RouteNotFound,
     #[error("payload larger than {limit_bytes} bytes")]
@@ -92,6 +96,7 @@ impl Rejection {
             Rejection::Forbidden { .. } | Rejection::NotConversationMember { .. } => 403,
             Rejection::ConversationNotFound { .. }
             | Rejection::MessageNotFound { .. }
+            | Rejection::DeviceNotFound
             | Rejection::RouteNotFound => 404,
             Rejection::ConversationInactive { .. } | Rejection::UserBlocked { .. } => 409,
             Rejection::PayloadTooLarge { .. } => 413,
@@ -116,6 +121,7 @@ impl Rejection {
             Rejection::ConversationInactive { .. } => "CONVERSATION_INACTIVE",
             Rejection::UserBlocked { .. } => "USER_BLOCKED",
             Rejection::MessageNotFound { .. } => "MESSAGE_NOT_FOUND",
+            Rejection::DeviceNotFound => "DEVICE_NOT_FOUND",
             Rejection::RouteNotFound => "NOT_FOUND",
             Rejection::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Rejection::RateLimitExceeded { .. } => "RATE_LIMIT_EXCEEDED",
@@ -143,6 +149,7 @@ impl Rejection {
             Rejection::ConversationInactive { .. } => "conversation_inactive",
             Rejection::UserBlocked { .. } => "user_blocked",
             Rejection::MessageNotFound { .. } => "message_not_found",
+            Rejection::DeviceNotFound => "device_not_found",
             Rejection::RouteNotFound => "route_not_found",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::RateLimitExceeded { .. } => "rate_limit_exceeded",
@@ -202,7 +209,7 @@ impl Rejection {
                 json!({ "userId": user_id, "otherUserId": other_user_id })
             }
             Rejection::MessageNotFound { message_id } => json!({ "messageId": message_id }),
-            Rejection::RouteNotFound => json!({}),
+            Rejection::DeviceNotFound | Rejection::RouteNotFound => json!({}),
             Rejection::PayloadTooLarge { limit_bytes } => json!({ "limitBytes": limit_bytes }),
             Rejection::RateLimitExceeded { retry_after_secs }
             | Rejection::EnqueueUnavailable {
@@ -384,6 +391,22 @@ mod tests {
             assert_eq!(PolicyCode::from_wire(code.as_str()), Some(code));
         }
         assert_eq!(PolicyCode::from_wire("ENQUEUE_FAILED"), None);
+    }
+
+    #[test]
+    fn an_unknown_device_is_404_without_its_token() {
+        let rejection = Rejection::DeviceNotFound;
+        assert_eq!(rejection.status(), 404);
+        assert_eq!(rejection.telemetry_label(), "device_not_found");
+        assert_eq!(rejection.retry_after_secs(), None);
+        assert_eq!(
+            rejection.body(),
+            json!({"error": {
+                "code": "DEVICE_NOT_FOUND",
+                "message": "device not found",
+                "details": {}
+            }})
+        );
     }
 
     #[test]

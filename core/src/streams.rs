@@ -18,6 +18,8 @@ const DLQ_JSON: &str = include_str!("../../nats/streams/DLQ.json");
 const DELIVERY_JSON: &str = include_str!("../../nats/consumers/delivery.json");
 const RECEIPTS_JSON: &str = include_str!("../../nats/streams/RECEIPTS.json");
 const RECEIPTS_CONSUMER_JSON: &str = include_str!("../../nats/consumers/receipts.json");
+const PUSH_JSON: &str = include_str!("../../nats/streams/PUSH.json");
+const PUSH_CONSUMER_JSON: &str = include_str!("../../nats/consumers/push.json");
 
 /// Stream metadata key recording the partition count the stream was created with.
 const PARTITIONS_METADATA: &str = "hotpath.partitions";
@@ -46,6 +48,35 @@ pub fn dlq_stream_config() -> anyhow::Result<stream::Config> {
 
 pub fn receipts_stream_config() -> anyhow::Result<stream::Config> {
     serde_json::from_str(RECEIPTS_JSON).context("nats/streams/RECEIPTS.json")
+}
+
+pub fn push_stream_config() -> anyhow::Result<stream::Config> {
+    serde_json::from_str(PUSH_JSON).context("nats/streams/PUSH.json")
+}
+
+/// The push consumer of `platform`, from the template (whose `PLATFORM` placeholders name it).
+pub fn push_consumer_config(platform: &str) -> anyhow::Result<consumer::pull::Config> {
+    let mut consumer: consumer::pull::Config =
+        serde_json::from_str(PUSH_CONSUMER_JSON).context("nats/consumers/push.json")?;
+    consumer.durable_name = Some(names::push_consumer(platform));
+    consumer.name = consumer.durable_name.clone();
+    consumer.filter_subject = names::push_subject(platform);
+    Ok(consumer)
+}
+
+/// Creates or updates the push consumer of `platform` and returns it.
+pub async fn ensure_push_consumer(
+    js: &jetstream::Context,
+    platform: &str,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let stream = js
+        .get_stream(names::PUSH_STREAM)
+        .await
+        .context("PUSH stream")?;
+    stream
+        .create_consumer(push_consumer_config(platform)?)
+        .await
+        .with_context(|| format!("creating consumer {}", names::push_consumer(platform)))
 }
 
 /// The receipts consumer: one durable over every partition, shared by all consumer replicas
@@ -92,7 +123,7 @@ pub fn delivery_consumer_config(
     Ok(consumer)
 }
 
-/// Creates or updates `MESSAGES`, `RECEIPTS` and `DLQ`. Refuses to run against a `MESSAGES` stream created
+/// Creates or updates `MESSAGES`, `RECEIPTS`, `PUSH` and `DLQ`. Refuses to run against a `MESSAGES` stream created
 /// with another partition count: routing would silently split conversations.
 pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow::Result<()> {
     if let Ok(mut existing) = js.get_stream(names::MESSAGES_STREAM).await {
@@ -114,6 +145,9 @@ pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow:
     js.create_or_update_stream(receipts_stream_config()?)
         .await
         .context("creating or updating the RECEIPTS stream")?;
+    js.create_or_update_stream(push_stream_config()?)
+        .await
+        .context("creating or updating the PUSH stream")?;
     js.create_or_update_stream(dlq_stream_config()?)
         .await
         .context("creating or updating the DLQ stream")?;
@@ -238,5 +272,12 @@ mod tests {
             Some(names::RECEIPTS_CONSUMER)
         );
         assert_eq!(consumer.filter_subject, "receipts.*");
+        let push = push_stream_config().unwrap();
+        assert_eq!(push.name, names::PUSH_STREAM);
+        assert_eq!(push.retention, stream::RetentionPolicy::WorkQueue);
+        let consumer = push_consumer_config("fcm").unwrap();
+        assert_eq!(consumer.durable_name.as_deref(), Some("push-fcm"));
+        assert_eq!(consumer.filter_subject, "push.fcm");
+        assert_eq!(consumer.max_deliver, -1);
     }
 }

@@ -1,6 +1,6 @@
 //! The gateway: the hot path from an HTTP request to a message in JetStream, plus the small
-//! APIs around it (conversations, status, history, health, metrics), and the socket node that
-//! holds users' WebSockets and delivers to them.
+//! APIs around it (conversations, push devices, status, history, health, metrics), and the
+//! socket node that holds users' WebSockets and delivers to them.
 //!
 //! Start reading at [`routes::send`], which tells the hot path in order, then [`socket`].
 
@@ -15,7 +15,7 @@ pub mod socket;
 mod state;
 
 use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
 use hotpath_core::names::FACTS_INVALIDATE_SUBJECT;
@@ -120,7 +120,16 @@ pub async fn router(
             "/v1/conversations/{id}/deactivate",
             post(routes::conversations::deactivate),
         )
+        .route(
+            "/v1/conversations/{id}/settings",
+            put(routes::conversations::update_settings),
+        )
         .route("/v1/blocks", post(routes::conversations::block))
+        .route(
+            "/v1/devices",
+            post(routes::devices::register).get(routes::devices::list),
+        )
+        .route("/v1/devices/{token}", delete(routes::devices::remove))
         .route("/v1/ws", get(routes::ws::upgrade))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))

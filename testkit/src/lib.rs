@@ -15,6 +15,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub mod fcm;
+pub mod push;
+pub mod ws;
+
 pub const SECRET: &str = "test-secret";
 
 /// Postgres settings that trade durability for speed: tests kill servers on purpose, but never
@@ -70,6 +74,8 @@ pub struct System {
     gateway: Option<JoinHandle<anyhow::Result<()>>>,
     consumers_shutdown: CancellationToken,
     consumers: Option<JoinHandle<anyhow::Result<()>>>,
+    push_shutdown: CancellationToken,
+    push: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 /// The configuration tests run with: defaults, loopback, the test secret, no rate limit, a
@@ -107,6 +113,7 @@ impl System {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> System {
+        hotpath_core::tls::install_crypto_provider();
         hotpath_core::telemetry::init_tracing();
         let servers = Servers::start().await;
         let mut config = test_config(&servers);
@@ -129,6 +136,8 @@ impl System {
             gateway: None,
             consumers_shutdown: CancellationToken::new(),
             consumers: None,
+            push_shutdown: CancellationToken::new(),
+            push: None,
             config,
         };
         system.start_gateway().await;
@@ -153,6 +162,27 @@ impl System {
                 .await
                 .expect("consumers start");
         self.consumers = Some(task);
+    }
+
+    /// Starts the push workers with `senders` (a recording sender, or real ones built from the
+    /// configuration: `None`).
+    pub async fn start_push(&mut self, senders: Option<hotpath_consumers::push::Senders>) {
+        self.push_shutdown = CancellationToken::new();
+        let task =
+            hotpath::roles::spawn_push(self.config.clone(), senders, self.push_shutdown.clone())
+                .await
+                .expect("push workers start");
+        self.push = Some(task);
+    }
+
+    /// Stops the push workers; tasks in hand are finished first.
+    pub async fn stop_push(&mut self) {
+        self.push_shutdown.cancel();
+        if let Some(task) = self.push.take() {
+            task.await
+                .expect("push task")
+                .expect("push workers stop cleanly");
+        }
     }
 
     /// Stops the consumers the way a deployment does: they settle or hand back their batch.

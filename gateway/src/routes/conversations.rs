@@ -1,6 +1,7 @@
 //! The minimum of conversation management needed to send anything: create a conversation,
-//! add and remove members, deactivate it, block a user. Every change is announced so all
-//! gateways drop their cached facts.
+//! add and remove members, deactivate it, block a user. Every change of membership or state is
+//! announced so all gateways drop their cached facts. Also the conversation's push setting,
+//! which no gateway caches: the push workers read it for every push.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -24,12 +25,19 @@ use crate::state::AppState;
 pub const MAX_MEMBERS: usize = 1001;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CreateConversation {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
     members: Vec<String>,
+    #[serde(default = "previews_shown")]
+    push_preview: bool,
+}
+
+/// Pushes show message content unless the members say otherwise, as the column's default.
+fn previews_shown() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize)]
@@ -42,6 +50,10 @@ pub struct ConversationView {
     pub members: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime<Utc>>,
+    /// Whether pushes may show message content. Like `created_at`, only in the answer to a
+    /// creation: the cached facts that answer membership changes do not carry it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_preview: Option<bool>,
 }
 
 /// `POST /v1/conversations`: `direct` (exactly two people) or `group`; the creator is a member.
@@ -81,11 +93,13 @@ pub async fn create(
     let member_list: Vec<String> = members.into_iter().collect();
     let mut tx = state.pool.begin().await.map_err(db_error)?;
     let (created_at,): (DateTime<Utc>,) = sqlx::query_as(
-        "INSERT INTO conversations (id, type, created_by) VALUES ($1, $2, $3) RETURNING created_at",
+        "INSERT INTO conversations (id, type, created_by, push_preview) VALUES ($1, $2, $3, $4)
+         RETURNING created_at",
     )
     .bind(id)
     .bind(&request.kind)
     .bind(&user_id)
+    .bind(request.push_preview)
     .fetch_one(&mut *tx)
     .await
     .map_err(db_error)?;
@@ -106,6 +120,7 @@ pub async fn create(
         is_active: true,
         members: member_list,
         created_at: Some(created_at),
+        push_preview: Some(request.push_preview),
     };
     Ok((StatusCode::CREATED, Json(view)))
 }
@@ -180,6 +195,45 @@ pub async fn deactivate(
         .await
         .map_err(db_error)?;
     changed(&state, &conversation).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Settings {
+    push_preview: bool,
+}
+
+/// `PUT /v1/conversations/{id}/settings`: an active member decides whether the conversation's
+/// pushes may show message content (`pushPreview`). With `false`, a push says only that there is
+/// a new message. Nothing is announced: no gateway caches the setting.
+pub async fn update_settings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let user_id = authenticate(&state, &headers)?;
+    let request: Settings = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
+    // Someone outside the conversation learns nothing of its settings, not even that it exists.
+    let conversation =
+        member_of(&state, &id, &user_id)
+            .await
+            .map_err(|rejection| match rejection {
+                Rejection::NotConversationMember { .. } => Rejection::ConversationNotFound {
+                    conversation_id: id.clone(),
+                },
+                other => other,
+            })?;
+    sqlx::query("UPDATE conversations SET push_preview = $2 WHERE id = $1")
+        .bind(conversation.id)
+        .bind(request.push_preview)
+        .execute(&state.pool)
+        .await
+        .map_err(db_error)?;
+    Ok(Json(json!({
+        "conversationId": conversation.id,
+        "pushPreview": request.push_preview,
+    })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,6 +328,7 @@ async fn changed(
         is_active: now.is_active,
         members: now.active_members.iter().cloned().collect(),
         created_at: None,
+        push_preview: None,
     }))
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP API, one file per resource (and the WebSocket upgrade, `ws`).
 
 pub mod conversations;
+pub mod devices;
 pub mod health;
 pub mod send;
 pub mod status;
