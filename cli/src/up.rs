@@ -213,6 +213,10 @@ fn ensure_dev_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+fn configured(yes: bool) -> &'static str {
+    if yes { "configured" } else { "not configured" }
+}
+
 fn print_welcome(addr: SocketAddr, config: &Config, data_dir: &Path) -> anyhow::Result<()> {
     let secret = auth::hs256_secret(config)?;
     let alice = auth::mint_hs256_token(&secret, "alice", 86_400)?;
@@ -224,6 +228,7 @@ Hotpath is up.
   health       {base}/healthz  {base}/readyz
   live view    {base}/live         (open in a browser: watch messages arrive over the WebSocket)
   metrics      {base}/metrics
+  push         APNS {apns}, FCM {fcm} (credentials: README, "Offline push")
   NATS         {nats}
   Postgres     {pg}
   data dir     {dir}
@@ -242,6 +247,12 @@ Try it (tokens for other users: hotpath token <user> --data-dir {dir}):
 Press Ctrl-C to stop.
 "#,
         nats = config.nats_url,
+        apns = configured(
+            config.apns_key_file.is_some()
+                || config.apns_key.is_some()
+                || config.apns_cert_file.is_some()
+        ),
+        fcm = configured(config.fcm_credentials_file.is_some() || config.fcm_credentials.is_some()),
         pg = hotpath_core::config::redact_url_password(&config.database_url),
         dir = data_dir.display(),
     );

@@ -440,3 +440,84 @@ async fn apns_pushes_go_only_to_offline_devices_without_content_when_the_convers
         assert!(metrics.contains(needle), "metrics show {needle}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_that_is_down_trips_the_breaker_and_its_tasks_wait_in_the_stream() {
+    let fake = FakeFcm::start().await;
+    fake.answer_always(FcmAnswer::unavailable());
+    let system = system_with_fcm(&fake, |config| {
+        config.push_breaker_failures = 3;
+        config.push_breaker_open_secs = 2;
+    })
+    .await;
+    register(&system, "bob", "fcm", "fcm-token-bob", false).await;
+    let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(send_text(&system, "alice", conversation, &format!("ping {i}")).await);
+    }
+    fake.wait_for_requests(3, PATIENCE).await;
+
+    // Without a breaker the ten tasks would each have been tried again after 1 s (and the
+    // provider hit 20 times by now); with it, the worker stops pulling and one trial goes out
+    // when the open period ends.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let tried = fake.requests().len();
+    println!("requests to a provider that is down, 4 s after the first failures: {tried}");
+    assert!(
+        tried <= 13,
+        "the breaker holds the tasks back ({tried} requests)"
+    );
+    let client = async_nats::connect(system.config.nats_url.as_str())
+        .await
+        .expect("nats");
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("PUSH")
+        .await
+        .expect("PUSH");
+    let waiting = stream.info().await.expect("info").state.messages;
+    assert_eq!(waiting, 10, "the tasks wait in the stream");
+    let metrics = system
+        .http
+        .get(system.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("delivery_push_breaker_open{platform=\"fcm\""),
+        "the breaker is visible in the metrics"
+    );
+
+    // The provider is back: the next trial closes the breaker and every task is delivered,
+    // once, without any of them having been used up by the wait.
+    fake.answer_always(FcmAnswer::Ok);
+    let requests = wait_until(
+        &fake,
+        Duration::from_secs(40),
+        "every push delivered",
+        |r| {
+            ids.iter()
+                .all(|id| for_message(r, id).iter().any(|r| r.answered_status == 200))
+        },
+    )
+    .await;
+    for id in &ids {
+        let delivered = for_message(&requests, id)
+            .iter()
+            .filter(|r| r.answered_status == 200)
+            .count();
+        assert_eq!(delivered, 1, "{id} delivered once");
+    }
+    assert!(
+        dlq_entries(&system).await.is_empty(),
+        "no task ran out of tries while waiting"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while stream.info().await.expect("info").state.messages > 0 {
+        assert!(Instant::now() < deadline, "the work queue empties");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -44,17 +44,33 @@ impl Servers {
             .prefix("hotpath-test-")
             .tempdir()
             .expect("temp dir");
-        let nats = NatsServer::start(&dir.path().join("nats"), free_port().expect("port"))
-            .await
-            .expect("nats-server starts");
-        let postgres = Postgres::start(
-            &dir.path().join("postgres"),
-            free_port().expect("port"),
-            "hotpath",
-            FAST_POSTGRES,
-        )
-        .await
-        .expect("postgres starts");
+        // A port found free may be taken by some other socket before the server binds it
+        // (tests run in parallel and open connections all the time): try another one.
+        let mut attempt = 0;
+        let nats = loop {
+            attempt += 1;
+            let port = free_port().expect("port");
+            match NatsServer::start(&dir.path().join(format!("nats-{attempt}")), port).await {
+                Ok(nats) => break nats,
+                Err(error) if attempt < 3 => {
+                    eprintln!("nats-server did not start on port {port}, trying another: {error:#}")
+                }
+                Err(error) => panic!("nats-server starts: {error:#}"),
+            }
+        };
+        let mut attempt = 0;
+        let postgres = loop {
+            attempt += 1;
+            let port = free_port().expect("port");
+            let data = dir.path().join(format!("postgres-{attempt}"));
+            match Postgres::start(&data, port, "hotpath", FAST_POSTGRES).await {
+                Ok(postgres) => break postgres,
+                Err(error) if attempt < 3 => {
+                    eprintln!("Postgres did not start on port {port}, trying another: {error:#}")
+                }
+                Err(error) => panic!("postgres starts: {error:#}"),
+            }
+        };
         Servers {
             dir,
             nats,

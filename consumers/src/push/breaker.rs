@@ -110,6 +110,15 @@ impl Breaker {
         open
     }
 
+    /// The attempt that was let through never reached the provider (nothing to send, Postgres
+    /// unavailable): if it was the trial, the next caller gets one instead.
+    pub fn release(&self, now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.mode == Mode::HalfOpen {
+            state.mode = Mode::Open { until: now };
+        }
+    }
+
     pub fn is_open(&self) -> bool {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.mode != Mode::Closed
@@ -150,6 +159,24 @@ mod tests {
         assert!(!breaker.is_open());
         assert_eq!(breaker.holding_off(much_later), None);
         assert!(!breaker.failure(much_later), "the count starts over");
+    }
+
+    #[test]
+    fn a_trial_that_never_reached_the_provider_is_given_to_the_next_caller() {
+        let breaker = Breaker::new(1, Duration::from_secs(5));
+        let now = Instant::now();
+        breaker.failure(now);
+        let later = now + Duration::from_secs(5);
+        assert_eq!(breaker.permit(later), Permit::Go);
+        breaker.release(later);
+        assert_eq!(breaker.permit(later), Permit::Go, "a new trial at once");
+        breaker.release(later);
+        breaker.success();
+        breaker.release(later);
+        assert!(
+            !breaker.is_open(),
+            "releasing a closed breaker changes nothing"
+        );
     }
 
     #[test]

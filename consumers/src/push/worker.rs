@@ -18,9 +18,11 @@
 //! the provider's answers in the headers, which JetStream's own limit would not do.
 //!
 //! Provider failures also feed the platform's [`Breaker`]: while it is open the worker pulls
-//! nothing, and tasks already in hand go back with a delay without being tried.
+//! nothing, and tasks already in hand go back with a delay without being tried (and without
+//! that counting as one of their tries).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, Message};
@@ -87,6 +89,7 @@ pub async fn run(
             ttl: config.push_ttl(),
             attempt_timeout: config.push_request_timeout() + Duration::from_secs(10),
             metrics: metrics.clone(),
+            deferred: Mutex::new(HashMap::new()),
         };
         let shutdown = shutdown.clone();
         workers.spawn(async move { worker.run(shutdown).await });
@@ -112,6 +115,11 @@ struct PlatformWorker {
     /// Backstop on one attempt at a task (reading Postgres and every device's request).
     attempt_timeout: Duration,
     metrics: DeliveryMetrics,
+    /// Per task in hand (stream sequence), how many of its deliveries were handed back untried
+    /// (breaker open, Postgres away): its retry schedule counts tries, not deliveries. Lost on
+    /// restart, which only makes the schedule shorter; bounded by the consumer's
+    /// `max_ack_pending`.
+    deferred: Mutex<HashMap<u64, i64>>,
 }
 
 /// What one attempt at a task came to.
@@ -196,37 +204,46 @@ impl PlatformWorker {
             }
         };
         if let Permit::Wait(wait) = self.breaker.permit(Instant::now()) {
-            // Not tried: back to the stream until the provider may be up again.
-            self.nak(&message, wait.max(Duration::from_secs(1))).await;
+            // Not tried: back to the stream until the provider may be up again, without
+            // spending one of its retries.
+            self.defer(stream_seq, &message, wait.max(Duration::from_secs(1)))
+                .await;
             return;
         }
+        // The provider's tries so far, this one included: deliveries that were only deferred
+        // do not count.
+        let tries = deliveries - self.deferrals(stream_seq);
         let attempt = match tokio::time::timeout(self.attempt_timeout, self.attempt(&task)).await {
             Ok(attempt) => attempt,
-            Err(_) => Attempt::Retry {
-                reasons: format!("{} attempt timed out", self.platform),
-                retry_after: None,
-            },
+            Err(_) => {
+                let reasons = format!("{} attempt timed out", self.platform);
+                self.provider_failed(&reasons);
+                Attempt::Retry {
+                    reasons,
+                    retry_after: None,
+                }
+            }
         };
         match attempt {
-            Attempt::Done => self.ack(&message).await,
+            Attempt::Done => {
+                self.forget_deferrals(stream_seq);
+                self.ack(&message).await
+            }
             Attempt::Unreadable(error) => {
                 tracing::warn!(%error, "push task: Postgres unavailable; will retry");
-                self.nak(&message, STORAGE_RETRY).await;
+                self.defer(stream_seq, &message, STORAGE_RETRY).await;
             }
             Attempt::Retry {
                 reasons,
                 retry_after,
-            } => match self
-                .backoff
-                .get(usize::try_from(deliveries - 1).unwrap_or(0))
-            {
+            } => match self.backoff.get(usize::try_from(tries - 1).unwrap_or(0)) {
                 Some(&delay) => {
                     let delay =
                         retry_after.map_or(delay, |asked| asked.clamp(delay, MAX_RETRY_AFTER));
                     tracing::info!(
                         platform = self.platform.as_str(),
                         message_id = %task.message_id,
-                        deliveries,
+                        tries,
                         retry_in_ms = delay.as_millis() as u64,
                         reasons,
                         "push failed; will retry"
@@ -249,8 +266,14 @@ impl PlatformWorker {
     async fn attempt(&self, task: &PushTask) -> Attempt {
         let (message, devices, badge) = match self.read(task).await {
             Ok(Some(read)) => read,
-            Ok(None) => return Attempt::Done,
-            Err(error) => return Attempt::Unreadable(error.to_string()),
+            Ok(None) => {
+                self.breaker.release(Instant::now());
+                return Attempt::Done;
+            }
+            Err(error) => {
+                self.breaker.release(Instant::now());
+                return Attempt::Unreadable(error.to_string());
+            }
         };
         let notification = payload::notification(&message, badge, self.ttl, Utc::now());
         let outcomes: Vec<(Device, PushOutcome)> =
@@ -340,15 +363,16 @@ impl PlatformWorker {
         &self,
         task: &PushTask,
     ) -> Result<Option<(StoredMessage, Vec<Device>, Option<u32>)>, sqlx::Error> {
-        let row: Option<(i64, String, String, String, String, bool)> = sqlx::query_as(
-            "SELECT m.seq, m.sender_id, m.content, m.content_type, m.priority, c.push_preview
+        let message: Option<StoredMessage> = sqlx::query_as(
+            "SELECT m.id AS message_id, m.conversation_id, m.seq, m.sender_id, m.content,
+                    m.content_type, m.priority, c.push_preview
                FROM messages m JOIN conversations c ON c.id = m.conversation_id
               WHERE m.id = $1",
         )
         .bind(task.message_id)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((seq, sender_id, content, content_type, priority, push_preview)) = row else {
+        let Some(message) = message else {
             tracing::warn!(message_id = %task.message_id, "push task for a message that is not stored; dropped");
             self.metrics.push_failed("message_missing", 1);
             return Ok(None);
@@ -383,16 +407,6 @@ impl PlatformWorker {
         .bind(&task.user_id)
         .fetch_one(&self.pool)
         .await?;
-        let message = StoredMessage {
-            message_id: task.message_id,
-            conversation_id: task.conversation_id,
-            seq,
-            sender_id,
-            content,
-            content_type,
-            priority,
-            push_preview,
-        };
         let devices = devices
             .into_iter()
             .map(|(token, app_id, sandbox)| Device {
@@ -441,6 +455,27 @@ impl PlatformWorker {
         }
     }
 
+    /// Hands a task back untried, for `delay`, remembering that this delivery was not a try.
+    async fn defer(&self, stream_seq: u64, message: &Message, delay: Duration) {
+        *self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(stream_seq)
+            .or_default() += 1;
+        self.nak(message, delay).await;
+    }
+
+    fn deferrals(&self, stream_seq: u64) -> i64 {
+        let deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        deferred.get(&stream_seq).copied().unwrap_or(0)
+    }
+
+    fn forget_deferrals(&self, stream_seq: u64) {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        deferred.remove(&stream_seq);
+    }
+
     async fn nak(&self, message: &Message, delay: Duration) {
         if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
             tracing::warn!(%error, "push task nak failed; it comes back after the ack wait");
@@ -448,6 +483,7 @@ impl PlatformWorker {
     }
 
     async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
+        self.forget_deferrals(stream_seq);
         let subject = message.subject.to_string();
         let letter = DeadLetter {
             source_stream: PUSH_STREAM,
