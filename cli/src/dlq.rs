@@ -2,7 +2,7 @@
 //!
 //! A DLQ entry is the original payload with `Hotpath-Dlq-*` headers saying where it came from
 //! and why it failed (see the consumers' `dlq` module). Replaying publishes the payload to
-//! its source subject again, with `Nats-Msg-Id` `replay:<DLQ seq>` so a replay repeated within
+//! its source subject again, with `Nats-Msg-Id` `replay:DLQ:<DLQ seq>` so a replay repeated within
 //! the source stream's duplicate window is dropped by JetStream, and then deletes the entry
 //! from the DLQ. What is downstream is idempotent as well: a message is stored once by its
 //! idempotency key, a receipt never moves backwards, a push skips devices that already got

@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start everything locally: nats-server, Postgres, migrations, gateway and consumers.
+    /// Start everything locally: nats-server, Postgres, migrations, gateway, consumers and push
+    /// workers.
     Up {
         /// Where the local servers keep their data, ports and the development JWT secret.
         #[arg(long, default_value = ".hotpath")]

@@ -3,7 +3,8 @@
 //!
 //! It starts (never installs) a nats-server with JetStream and a Postgres cluster in the data
 //! directory, on ports it records there so URLs stay the same from run to run, applies
-//! migrations and stream definitions, runs the gateway and the consumers, and prints how to
+//! migrations and stream definitions, runs the gateway, the consumers and the push workers
+//! (for the platforms it has credentials for), and prints how to
 //! talk to it. Ctrl-C drains and stops everything. The servers are children of this process
 //! and die with it even on `kill -9`; the next `hotpath up` finds their data where they left it
 //! (Postgres and JetStream both recover their own files) and carries on.

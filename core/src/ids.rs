@@ -8,7 +8,7 @@
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// The key for a message, per DESIGN.md's "Idempotency":
+/// The key for a message (the README's "Idempotency and order"):
 ///
 /// * with a `clientMessageId`: SHA-256 over (sender, clientMessageId), scoped to the sender so
 ///   one user cannot suppress another's message by reusing an id;

@@ -1,6 +1,6 @@
 //! A push sender that sends nothing: it records what the push workers ask it to send and answers
 //! from a script, so tests can follow the pipeline end to end without Apple or Google (APNS's
-//! endpoint cannot be pointed elsewhere; see DESIGN.md, Tests).
+//! endpoint cannot be pointed elsewhere).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};

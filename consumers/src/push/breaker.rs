@@ -6,8 +6,8 @@
 //! provider that is down. After `open_for` it lets one trial through (half-open): a success
 //! closes it, a failure opens it again for twice as long, up to ten times `open_for`.
 //!
-//! Answers about a device or a request (an unregistered token, a payload refused) say nothing
-//! about the provider's health and are not counted either way.
+//! An answer about a device or a request (an unregistered token, a payload refused) is still
+//! an answer: the provider is up, so it counts as a success.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -238,8 +238,9 @@ impl PlatformWorker {
                 retry_after,
             } => match self.backoff.get(usize::try_from(tries - 1).unwrap_or(0)) {
                 Some(&delay) => {
+                    // Later if the provider asked for more time, within reason.
                     let delay =
-                        retry_after.map_or(delay, |asked| asked.clamp(delay, MAX_RETRY_AFTER));
+                        retry_after.map_or(delay, |asked| delay.max(asked.min(MAX_RETRY_AFTER)));
                     tracing::info!(
                         platform = self.platform.as_str(),
                         message_id = %task.message_id,
