@@ -521,3 +521,74 @@ async fn a_provider_that_is_down_trips_the_breaker_and_its_tasks_wait_in_the_str
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_batch_processed_again_schedules_no_second_push() {
+    let mut system = System::start().await;
+    register(&system, "bob", "apns", &"b2".repeat(32), false).await;
+    let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(send_text(&system, "alice", conversation, &format!("note {i}")).await);
+    }
+    assert_eq!(system.wait_for_messages(3, PATIENCE).await, 3);
+    let client = async_nats::connect(system.config.nats_url.as_str())
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(client);
+    let mut push_stream = js.get_stream("PUSH").await.expect("PUSH");
+    let deadline = Instant::now() + PATIENCE;
+    while push_stream.info().await.expect("info").state.messages < 3 {
+        assert!(Instant::now() < deadline, "three push tasks are scheduled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The whole stream is processed again, as after a consumer that died before its acks:
+    // every message is found stored and its push scheduled again, and JetStream drops the
+    // copies by their message ids.
+    system.stop_consumers().await;
+    for partition in 0..system.config.partitions {
+        hotpath_core::streams::rewind_delivery_consumer(&js, partition, &system.config, 0)
+            .await
+            .expect("rewind");
+    }
+    system.start_consumers().await;
+    let partition =
+        hotpath_core::names::partition_of(&conversation.to_string(), system.config.partitions);
+    let mut messages = js.get_stream("MESSAGES").await.expect("MESSAGES");
+    let last = messages.info().await.expect("info").state.last_sequence;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let info = messages
+            .consumer_info(hotpath_core::names::delivery_consumer(partition))
+            .await
+            .expect("consumer info");
+        if info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replayed batch is settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        push_stream.info().await.expect("info").state.messages,
+        3,
+        "no task was scheduled twice"
+    );
+
+    // And the devices hear of each message once.
+    let recorder = Arc::new(RecordingSender::new());
+    let mut senders: Senders = HashMap::new();
+    senders.insert(Platform::Apns, recorder.clone());
+    system.start_push(Some(senders)).await;
+    recorder.wait_for(3, PATIENCE).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut pushed: Vec<String> = recorder
+        .sent()
+        .iter()
+        .map(|(_, n)| n.message_id.to_string())
+        .collect();
+    pushed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(pushed, expected, "one push per message");
+}
