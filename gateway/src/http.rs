@@ -79,7 +79,7 @@ pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 /// Parses a typed body from already-read JSON, turning serde's complaint into INVALID_SCHEMA.
 pub fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Rejection> {
     serde_json::from_value(value).map_err(|error| Rejection::InvalidSchema {
-        message: format!("invalid request: {error}"),
+        message: error.to_string(),
         details: serde_json::json!({}),
     })
 }
