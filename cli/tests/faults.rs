@@ -1,7 +1,8 @@
 //! Faults injected into the real parts: NATS stopped under the gateway, Postgres stopped under
-//! load, the consumers killed mid-batch, poison in the stream. Each test acts through the API
-//! (or publishes to JetStream directly, as a broken producer would) and asserts on what is
-//! observable: HTTP answers, rows in Postgres, entries in the DLQ stream.
+//! load and while receipts arrive, the consumers killed mid-batch, poison in the stream. Each
+//! test acts through the API (or publishes to JetStream directly, as a broken producer would)
+//! and asserts on what is observable: HTTP answers, rows in Postgres, frames on a socket,
+//! entries in the DLQ stream.
 
 use hotpath_testkit as support;
 
@@ -12,8 +13,11 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use hotpath_core::envelope::{ENVELOPE_VERSION, Envelope};
 use hotpath_core::names::{self, dlq_headers};
+use hotpath_core::receipts::ReceiptState;
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use support::receipts;
+use support::ws::{PATIENCE, QUIET, acknowledge, connect, state_change, state_changes};
 use support::{System, text};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -245,13 +249,6 @@ async fn wait_until_consumers_pull(js: &jetstream::Context, partitions: u32) {
     panic!("the delivery consumers are not all pulling; pull requests waiting: {waiting:?}");
 }
 
-async fn jetstream_of(system: &System) -> jetstream::Context {
-    let client = async_nats::connect(system.servers.nats.url())
-        .await
-        .expect("test connects to NATS");
-    jetstream::new(client)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_down_answers_503_with_retry_after_in_bounded_time_and_sending_recovers() {
     let mut system = System::start().await;
@@ -260,7 +257,7 @@ async fn nats_down_answers_503_with_retry_after_in_bounded_time_and_sending_reco
     let body = unique(conversation, "through-the-outage");
     // The outage hits a running system, not one still starting up: the consumers role does
     // not (yet) survive losing NATS while it creates its delivery consumers.
-    wait_until_consumers_pull(&jetstream_of(&system).await, system.config.partitions).await;
+    wait_until_consumers_pull(&system.jetstream().await, system.config.partitions).await;
 
     system.servers.nats.stop().await.expect("nats-server stops");
     let started = Instant::now();
@@ -420,7 +417,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_stores_everything_exactly_onc
 
     // Small batches: many transactions per partition, so a kill lands inside one.
     let mut system = System::start_with(|config| config.batch_size = 16).await;
-    let js = jetstream_of(&system).await;
+    let js = system.jetstream().await;
     let partitions = system.config.partitions;
     system.stop_consumers().await;
     let mut conversations = Vec::new();
@@ -486,7 +483,7 @@ async fn a_poison_message_lands_in_the_dlq_and_does_not_block_its_partition() {
         .find(|id| names::partition_of(&id.to_string(), partitions) == 0)
         .expect("an id on partition 0");
     let subject = names::message_subject(0);
-    let js = jetstream_of(&system).await;
+    let js = system.jetstream().await;
 
     // (a) Bytes that are not an envelope.
     let garbage: &[u8] = b"\x00\xff this is not an envelope {";
@@ -745,4 +742,114 @@ async fn consumers_started_while_nats_restarts_still_persist() {
         .await
         .expect("join")
         .expect("consumers stop cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_taken_while_postgres_is_down_are_recorded_once_when_it_is_back() {
+    let mut system = System::start().await;
+    let js = system.jetstream().await;
+    let partitions = system.config.partitions;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+    let mut bob = connect(&system, &system.base, "bob").await;
+    let send = async |name: &str| {
+        let (status, ack) = system.send("alice", unique(conversation, name)).await;
+        assert_eq!(status, 202, "{ack}");
+        message_id_of(&ack)
+    };
+    let first = send("first").await;
+    let second = send("second").await;
+    let mut heard = state_changes(&mut alice, 2, Duration::ZERO).await;
+    heard.sort();
+    let mut expected = vec![state_change(first, "sent"), state_change(second, "sent")];
+    expected.sort();
+    assert_eq!(heard, expected, "both messages persisted");
+    // Bob's `delivered` for the first is recorded before the outage (and this gateway now
+    // takes his acks for it without asking Postgres).
+    acknowledge(&mut bob, first, "delivered").await;
+    assert_eq!(
+        state_changes(&mut alice, 1, Duration::ZERO).await,
+        [state_change(first, "delivered")]
+    );
+    let (bob_delivered, _) = receipts::wait_for(
+        &system.pool,
+        first,
+        "bob",
+        ReceiptState::Delivered,
+        PATIENCE,
+    )
+    .await;
+
+    system
+        .servers
+        .postgres
+        .stop()
+        .await
+        .expect("postgres stops");
+    assert!(
+        sqlx::query("SELECT 1").execute(&system.pool).await.is_err(),
+        "Postgres still answers after stop()"
+    );
+    // Receipts arrive meanwhile: bob reads the first over his socket; the second is
+    // delivered to both, and the first to carol, as the gateway publishes them.
+    acknowledge(&mut bob, first, "read").await;
+    let published = [
+        receipts::receipt(second, conversation, "bob", ReceiptState::Delivered),
+        receipts::receipt(second, conversation, "carol", ReceiptState::Delivered),
+        receipts::receipt(first, conversation, "carol", ReceiptState::Delivered),
+    ];
+    for receipt in &published {
+        receipts::publish(&js, partitions, receipt).await;
+    }
+    // Down for longer than the ack wait (3 s): the consumer must keep what it holds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    system
+        .servers
+        .postgres
+        .restart()
+        .await
+        .expect("postgres restarts");
+
+    // Every receipt is recorded, each with the time it was taken.
+    let within = Duration::from_secs(30);
+    for receipt in &published {
+        let (delivered_at, read_at) = receipts::wait_for(
+            &system.pool,
+            receipt.message_id,
+            &receipt.user_id,
+            ReceiptState::Delivered,
+            within,
+        )
+        .await;
+        assert_eq!((delivered_at, read_at), (Some(receipt.at), None));
+    }
+    let (delivered_at, read_at) =
+        receipts::wait_for(&system.pool, first, "bob", ReceiptState::Read, within).await;
+    assert_eq!(
+        delivered_at, bob_delivered,
+        "bob's delivered_at was set again"
+    );
+    assert!(read_at >= delivered_at);
+    for message in [first, second] {
+        assert_eq!(receipts::row(&system.pool, message, "bob").await.2, 2);
+    }
+    // Alice is told once each: the first read of the first, the first delivery of the second.
+    let mut heard = state_changes(&mut alice, 2, QUIET).await;
+    heard.sort();
+    let mut expected = vec![
+        state_change(first, "read"),
+        state_change(second, "delivered"),
+    ];
+    expected.sort();
+    assert_eq!(heard, expected);
+    // Nothing was given up on.
+    receipts::wait_until_settled(&js).await;
+    let letters: Vec<String> = receipts::dead_letters(&js, None)
+        .await
+        .iter()
+        .map(|l| format!("{:?}: {:?}", l.dlq_subject, l.reason))
+        .collect();
+    assert!(letters.is_empty(), "dead-lettered: {letters:?}");
 }

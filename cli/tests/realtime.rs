@@ -1,6 +1,6 @@
 //! Real-time delivery over `GET /v1/ws`, against real NATS and Postgres and real gateways:
 //! live `message.new` across gateways, state changes to the sender, several sockets per user,
-//! catch-up with `sync`, sends over the socket, slow clients, heartbeats, presence.
+//! catch-up with `sync`, sends over the socket, slow clients, heartbeats, presence, receipts.
 
 use hotpath_testkit as support;
 
@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::{SinkExt, StreamExt};
 use hotpath_core::presence::{Presence, PresenceRecord};
+use hotpath_core::receipts::{Receipt, ReceiptState};
 use serde_json::{Value, json};
-use support::ws::{PATIENCE, connect, next_frame, next_of, ping, send_frame, ws_url};
+use support::receipts::{self, Stamp};
+use support::ws::{
+    PATIENCE, QUIET, Socket, acknowledge, connect, next_frame, next_of, ping, send_frame,
+    state_change, state_changes, ws_url,
+};
 use support::{System, text};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::MaybeTlsStream;
@@ -783,38 +788,6 @@ async fn a_killed_gateways_users_go_offline_within_the_presence_ttl() {
     }
 }
 
-/// The stored receipt of `user` for `message`: (delivered_at, read_at), and how many rows the
-/// message has.
-async fn receipt_row(
-    system: &System,
-    message: Uuid,
-    user: &str,
-) -> (
-    Option<chrono::DateTime<chrono::Utc>>,
-    Option<chrono::DateTime<chrono::Utc>>,
-    i64,
-) {
-    let (delivered, read): (
-        Option<chrono::DateTime<chrono::Utc>>,
-        Option<chrono::DateTime<chrono::Utc>>,
-    ) = sqlx::query_as(
-        "SELECT delivered_at, read_at FROM message_receipts WHERE message_id = $1 AND user_id = $2",
-    )
-    .bind(message)
-    .bind(user)
-    .fetch_optional(&system.pool)
-    .await
-    .expect("receipt row")
-    .unwrap_or((None, None));
-    let (rows,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM message_receipts WHERE message_id = $1")
-            .bind(message)
-            .fetch_one(&system.pool)
-            .await
-            .expect("count");
-    (delivered, read, rows)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_move_the_senders_message_to_delivered_then_read_once() {
     let system = System::start().await;
@@ -908,7 +881,7 @@ async fn receipts_move_the_senders_message_to_delivered_then_read_once() {
             .expect("rfc3339")
             .with_timezone(&chrono::Utc)
     };
-    let (delivered_at, read_at, rows) = receipt_row(&system, message, "bob").await;
+    let (delivered_at, read_at, rows) = receipts::row(&system.pool, message, "bob").await;
     assert_eq!(rows, 1);
     assert_eq!(Some(at(&recipients[0]["deliveredAt"])), delivered_at);
     assert_eq!(Some(at(&recipients[0]["readAt"])), read_at);
@@ -951,8 +924,327 @@ async fn receipts_move_the_senders_message_to_delivered_then_read_once() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        receipt_row(&system, message, "bob").await,
+        receipts::row(&system.pool, message, "bob").await,
         (delivered_at, read_at, 1)
     );
     ping(&mut alice).await;
+}
+
+/// Sends `content` as alice over HTTP and waits until she is told it is `sent` and every
+/// recipient's socket got it; returns its id.
+async fn sent_by_alice(
+    system: &System,
+    conversation: Uuid,
+    content: &str,
+    alice: &mut Socket,
+    recipients: &mut [&mut Socket],
+) -> Uuid {
+    let (status, ack) = system.send("alice", text(conversation, content)).await;
+    assert_eq!(status, 202, "{ack}");
+    let id = ack["messageId"].as_str().expect("messageId").to_string();
+    assert_eq!(
+        state_changes(alice, 1, Duration::ZERO).await,
+        [(id.clone(), "sent".to_string())]
+    );
+    for socket in recipients.iter_mut() {
+        let new = next_of(socket, "message.new").await;
+        assert_eq!(new["message"]["messageId"], id.as_str());
+    }
+    Uuid::parse_str(&id).expect("uuid")
+}
+
+/// What alice, the sender, reads on the status route of `message`: the message-level state,
+/// and per recipient (userId, state, deliveredAt, readAt) in recipient order.
+async fn receipts_seen_by_sender(
+    system: &System,
+    message: Uuid,
+) -> (String, Vec<(String, String, Stamp, Stamp)>) {
+    let path = format!("/v1/messages/{message}/status");
+    let status: Value = system.get("alice", &path).await.json().await.expect("json");
+    let text = |v: &Value| v.as_str().unwrap_or_else(|| panic!("{status}")).to_string();
+    let stamp = |v: &Value| {
+        v.as_str().map(|at| {
+            chrono::DateTime::parse_from_rfc3339(at)
+                .expect("rfc3339")
+                .with_timezone(&chrono::Utc)
+        })
+    };
+    let recipients = status["recipients"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no recipients in {status}"))
+        .iter()
+        .map(|r| {
+            (
+                text(&r["userId"]),
+                text(&r["state"]),
+                stamp(&r["deliveredAt"]),
+                stamp(&r["readAt"]),
+            )
+        })
+        .collect();
+    (text(&status["state"]), recipients)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_group_the_sender_is_told_the_first_delivered_and_the_first_read_once_each() {
+    let system = System::start().await;
+    let js = system.jetstream().await;
+    let partitions = system.config.partitions;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+    let mut bob = connect(&system, &system.base, "bob").await;
+    let mut carol = connect(&system, &system.base, "carol").await;
+    let message = sent_by_alice(
+        &system,
+        conversation,
+        "m-1",
+        &mut alice,
+        &mut [&mut bob, &mut carol],
+    )
+    .await;
+
+    // Both recipients got it: alice hears `delivered` once, not once per recipient.
+    tokio::join!(
+        acknowledge(&mut bob, message, "delivered"),
+        acknowledge(&mut carol, message, "delivered"),
+    );
+    assert_eq!(
+        state_changes(&mut alice, 1, Duration::ZERO).await,
+        [state_change(message, "delivered")]
+    );
+    let wait_for = |user, state| receipts::wait_for(&system.pool, message, user, state, PATIENCE);
+    let (bob_delivered, _) = wait_for("bob", ReceiptState::Delivered).await;
+    let (carol_delivered, _) = wait_for("carol", ReceiptState::Delivered).await;
+    assert_eq!(state_changes(&mut alice, 0, QUIET).await, []);
+    assert_eq!(
+        receipts_seen_by_sender(&system, message).await,
+        (
+            "delivered".to_string(),
+            vec![
+                ("bob".into(), "delivered".into(), bob_delivered, None),
+                ("carol".into(), "delivered".into(), carol_delivered, None),
+            ]
+        )
+    );
+
+    // Carol reads it first: alice hears `read`; bob reading it too tells her nothing new.
+    acknowledge(&mut carol, message, "read").await;
+    assert_eq!(
+        state_changes(&mut alice, 1, Duration::ZERO).await,
+        [state_change(message, "read")]
+    );
+    acknowledge(&mut bob, message, "read").await;
+    let bob_row = wait_for("bob", ReceiptState::Read).await;
+    let carol_row = wait_for("carol", ReceiptState::Read).await;
+    assert_eq!(state_changes(&mut alice, 0, QUIET).await, []);
+    assert_eq!(bob_row.0, bob_delivered, "bob's delivered_at was set again");
+    assert_eq!(
+        carol_row.0, carol_delivered,
+        "carol's delivered_at was set again"
+    );
+    assert_eq!(
+        receipts_seen_by_sender(&system, message).await,
+        (
+            "read".to_string(),
+            vec![
+                ("bob".into(), "read".into(), bob_row.0, bob_row.1),
+                ("carol".into(), "read".into(), carol_row.0, carol_row.1),
+            ]
+        )
+    );
+
+    // Repeats change nothing: acks again over the sockets (the stream collapses them), and
+    // the same receipts once more past the stream's duplicate window (the consumer sees them).
+    let rows_before = (
+        receipts::row(&system.pool, message, "bob").await,
+        receipts::row(&system.pool, message, "carol").await,
+    );
+    for socket in [&mut bob, &mut carol] {
+        for state in ["delivered", "read"] {
+            acknowledge(socket, message, state).await;
+        }
+    }
+    for user in ["bob", "carol"] {
+        for state in [ReceiptState::Delivered, ReceiptState::Read] {
+            let repeat = receipts::receipt(message, conversation, user, state);
+            receipts::publish_repeat(&js, partitions, &repeat).await;
+        }
+    }
+    receipts::wait_until_settled(&js).await;
+    assert_eq!(state_changes(&mut alice, 0, QUIET).await, []);
+    assert_eq!(
+        (
+            receipts::row(&system.pool, message, "bob").await,
+            receipts::row(&system.pool, message, "carol").await,
+        ),
+        rows_before
+    );
+    assert!(
+        receipts::dead_letters(&js, Some("receipts"))
+            .await
+            .is_empty(),
+        "a repeated receipt was dead-lettered"
+    );
+
+    // A `read` with no `delivered` before it: both recorded, both told, `delivered` first.
+    let second = sent_by_alice(
+        &system,
+        conversation,
+        "m-2",
+        &mut alice,
+        &mut [&mut bob, &mut carol],
+    )
+    .await;
+    acknowledge(&mut bob, second, "read").await;
+    assert_eq!(
+        state_changes(&mut alice, 2, QUIET).await,
+        [
+            state_change(second, "delivered"),
+            state_change(second, "read")
+        ]
+    );
+    let (delivered_at, read_at) =
+        receipts::wait_for(&system.pool, second, "bob", ReceiptState::Read, PATIENCE).await;
+    assert!(delivered_at.is_some());
+    assert_eq!(
+        delivered_at, read_at,
+        "one receipt, one time for both states"
+    );
+    assert_eq!(
+        receipts_seen_by_sender(&system, second).await,
+        (
+            "read".to_string(),
+            vec![
+                ("bob".into(), "read".into(), delivered_at, read_at),
+                ("carol".into(), "sent".into(), None, None),
+            ]
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_receipt_is_recorded_once_its_message_is_persisted_and_strays_are_dead_lettered() {
+    // A receipt that cannot be recorded yet is retried 1 s and then 2 s later, and moved to the
+    // DLQ on its third delivery. (Two deliveries would leave the message one second to be
+    // persisted after the consumers start: the test would then pass only on a fast machine.)
+    const MAX_DELIVER: u64 = 3;
+    let mut system = System::start_with(|config| config.poison_max_deliver = MAX_DELIVER).await;
+    let js = system.jetstream().await;
+    let partitions = system.config.partitions;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+
+    // With the consumers stopped the message is accepted and stays pending.
+    system.stop_consumers().await;
+    let (status, ack) = system.send("alice", text(conversation, "early")).await;
+    assert_eq!(status, 202, "{ack}");
+    assert_eq!(ack["state"], "pending");
+    let message = Uuid::parse_str(ack["messageId"].as_str().expect("messageId")).expect("uuid");
+    let path = format!("/v1/messages/{message}/status");
+    let status: Value = system.get("alice", &path).await.json().await.expect("json");
+    assert_eq!(status["state"], "pending", "{status}");
+
+    // Bob's receipt reaches the stream before the message reaches Postgres (the gateway only
+    // takes acks for persisted messages, but receipts must not depend on it), and so does one
+    // for a message that never exists.
+    let early = receipts::receipt(message, conversation, "bob", ReceiptState::Delivered);
+    receipts::publish(&js, partitions, &early).await;
+    let phantom = receipts::receipt(Uuid::new_v4(), conversation, "bob", ReceiptState::Delivered);
+    receipts::publish(&js, partitions, &phantom).await;
+    system.start_consumers().await;
+
+    // Once the message is persisted, bob's receipt is recorded with its own time, and alice
+    // hears `sent` and `delivered` (from two publishers, so in either order).
+    let recorded = receipts::wait_for(
+        &system.pool,
+        message,
+        "bob",
+        ReceiptState::Delivered,
+        PATIENCE,
+    )
+    .await;
+    assert_eq!(recorded, (Some(early.at), None));
+    let mut heard = state_changes(&mut alice, 2, Duration::ZERO).await;
+    heard.sort();
+    assert_eq!(
+        heard,
+        [
+            state_change(message, "delivered"),
+            state_change(message, "sent")
+        ]
+    );
+    assert_eq!(
+        receipts_seen_by_sender(&system, message).await,
+        (
+            "delivered".to_string(),
+            vec![
+                ("bob".into(), "delivered".into(), Some(early.at), None),
+                ("carol".into(), "sent".into(), None, None),
+            ]
+        )
+    );
+
+    // Someone who is not a recipient acknowledges the (now persisted) message.
+    let stranger = receipts::receipt(message, conversation, "mallory", ReceiptState::Read);
+    receipts::publish(&js, partitions, &stranger).await;
+
+    // Both strays end in the DLQ, once each, saying why: the phantom after MAX_DELIVER
+    // deliveries, the stranger's at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receipts::dead_letters(&js, Some("receipts")).await.len() < 2 && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    receipts::wait_until_settled(&js).await;
+    let letters = receipts::dead_letters(&js, Some("receipts")).await;
+    let summary: Vec<(Option<Receipt>, Option<String>, Option<String>)> = letters
+        .iter()
+        .map(|l| {
+            (
+                Receipt::decode(&l.payload).ok(),
+                l.reason.clone(),
+                l.deliveries.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(letters.len(), 2, "{summary:?}");
+    for (receipt, reason, deliveries) in [
+        (
+            &phantom,
+            "message is not persisted",
+            MAX_DELIVER.to_string(),
+        ),
+        (&stranger, "user is not a recipient", "1".to_string()),
+    ] {
+        let letter = letters
+            .iter()
+            .find(|l| Receipt::decode(&l.payload).ok().as_ref() == Some(receipt))
+            .unwrap_or_else(|| panic!("{receipt:?} is not in the DLQ: {summary:?}"));
+        assert!(
+            letter.reason.as_deref().is_some_and(|r| r.contains(reason)),
+            "{receipt:?}: {summary:?}"
+        );
+        assert_eq!(letter.deliveries.as_deref(), Some(deliveries.as_str()));
+        assert_eq!(letter.source_stream.as_deref(), Some("RECEIPTS"));
+        let partition = hotpath_core::names::partition_of(&conversation.to_string(), partitions);
+        assert_eq!(
+            letter.source_subject,
+            Some(hotpath_core::names::receipt_subject(partition))
+        );
+    }
+
+    // Neither wrote a row, and alice was told nothing more.
+    assert_eq!(
+        receipts::row(&system.pool, message, "mallory").await,
+        (None, None, 1)
+    );
+    assert_eq!(
+        receipts::row(&system.pool, phantom.message_id, "bob").await,
+        (None, None, 0)
+    );
+    assert_eq!(state_changes(&mut alice, 0, QUIET).await, []);
 }

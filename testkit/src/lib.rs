@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 pub mod fcm;
 pub mod push;
+pub mod receipts;
 pub mod ws;
 
 pub const SECRET: &str = "test-secret";
@@ -218,6 +219,15 @@ impl System {
             let _ = task.await;
         }
         self.consumers_shutdown.cancel();
+    }
+
+    /// A JetStream context of the test's own on this system's NATS, to publish or inspect
+    /// streams as a broken producer or an operator would.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(self.servers.nats.url())
+            .await
+            .expect("test connects to NATS");
+        async_nats::jetstream::new(client)
     }
 
     pub fn token(&self, user: &str) -> String {

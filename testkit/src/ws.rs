@@ -71,3 +71,62 @@ pub async fn next_of(socket: &mut Socket, kind: &str) -> Value {
         }
     }
 }
+
+/// How long a test listens for a frame that must not come.
+pub const QUIET: Duration = Duration::from_secs(2);
+
+/// A `message.state.changed` as [`state_changes`] reports it: (messageId, state).
+pub fn state_change(message: uuid::Uuid, state: &str) -> (String, String) {
+    (message.to_string(), state.to_string())
+}
+
+/// The `message.state.changed` frames a sender's socket gets, as (messageId, state), other
+/// frames skipped: read until `count` have arrived (panics if they do not within
+/// [`PATIENCE`]), then for `quiet` more, so that one too many shows up in what is returned.
+pub async fn state_changes(
+    socket: &mut Socket,
+    count: usize,
+    quiet: Duration,
+) -> Vec<(String, String)> {
+    let mut changes = Vec::new();
+    let mut deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut counted = false;
+    loop {
+        if !counted && changes.len() >= count {
+            counted = true;
+            deadline = tokio::time::Instant::now() + quiet;
+        }
+        let next = match tokio::time::timeout_at(deadline, socket.next()).await {
+            Ok(next) => next,
+            Err(_) if counted => return changes,
+            Err(_) => panic!("{count} state changes expected within {PATIENCE:?}, got {changes:?}"),
+        };
+        let frame: Value = match next {
+            Some(Ok(Message::Text(text))) => serde_json::from_str(&text).expect("frames are JSON"),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        };
+        if frame["type"] == "message.state.changed" {
+            let field = |name: &str| frame[name].as_str().unwrap_or_default().to_string();
+            changes.push((field("messageId"), field("state")));
+        }
+    }
+}
+
+/// Acknowledges `message` with `state` (`delivered`, `read`) and waits for `ack.ok`, skipping
+/// the live `message.new` frames that may come meanwhile.
+pub async fn acknowledge(socket: &mut Socket, message: uuid::Uuid, state: &str) {
+    send_frame(
+        socket,
+        json!({"type": "ack", "reqId": state, "messageId": message, "state": state}),
+    )
+    .await;
+    loop {
+        let answer = next_frame(socket).await;
+        match answer["type"].as_str() {
+            Some("message.new") => continue,
+            Some("ack.ok") if answer["reqId"] == state => return,
+            _ => panic!("{state} ack of {message} answered with {answer}"),
+        }
+    }
+}
