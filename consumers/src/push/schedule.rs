@@ -140,6 +140,9 @@ impl PushScheduler {
         let mut acks = Vec::new();
         for envelope in messages {
             for recipient in &envelope.recipient_ids {
+                if *recipient == envelope.sender_id {
+                    continue;
+                }
                 let (Some(why), Some(platforms)) =
                     (offline.get(recipient), platforms.get(recipient))
                 else {

@@ -51,6 +51,8 @@ const DELIVERIES_RETENTION_DAYS: i32 = 8;
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Longest delay a provider's Retry-After may impose on one retry.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// Most tasks whose untried deliveries a worker keeps count of.
+const MAX_DEFERRED_TRACKED: usize = 65_536;
 /// Delay for a task that could not be looked at (Postgres unavailable).
 const STORAGE_RETRY: Duration = Duration::from_secs(5);
 
@@ -117,8 +119,7 @@ struct PlatformWorker {
     metrics: DeliveryMetrics,
     /// Per task in hand (stream sequence), how many of its deliveries were handed back untried
     /// (breaker open, Postgres away): its retry schedule counts tries, not deliveries. Lost on
-    /// restart, which only makes the schedule shorter; bounded by the consumer's
-    /// `max_ack_pending`.
+    /// restart, which only makes the schedule shorter; bounded by `MAX_DEFERRED_TRACKED`.
     deferred: Mutex<HashMap<u64, i64>>,
 }
 
@@ -458,12 +459,15 @@ impl PlatformWorker {
 
     /// Hands a task back untried, for `delay`, remembering that this delivery was not a try.
     async fn defer(&self, stream_seq: u64, message: &Message, delay: Duration) {
-        *self
-            .deferred
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(stream_seq)
-            .or_default() += 1;
+        {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            // Tasks finished by another replica leave their entries here; far beyond what one
+            // worker can hold, start over (which only shortens some schedules).
+            if deferred.len() >= MAX_DEFERRED_TRACKED {
+                deferred.clear();
+            }
+            *deferred.entry(stream_seq).or_default() += 1;
+        }
         self.nak(message, delay).await;
     }
 
