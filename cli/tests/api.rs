@@ -636,15 +636,7 @@ async fn health_readiness_and_metrics_are_served() {
     );
 
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let metrics = system
-        .http
-        .get(system.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.metrics().await;
     for name in [
         "producer_enqueued_total{",
         "producer_reject_total{reason=\"conversation_not_found\",status_code=\"404\"}",
@@ -842,15 +834,7 @@ async fn a_cached_history_page_is_dropped_when_new_messages_are_persisted() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = system
-        .http
-        .get(system.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.metrics().await;
     assert!(
         metrics.contains("delivery_cache_invalidated_total{cache_type=\"recent_messages\"}"),
         "{metrics}"

@@ -333,15 +333,7 @@ async fn a_policy_stuck_in_a_loop_is_stopped_and_the_gateway_keeps_answering() {
             .status(),
         200
     );
-    let metrics = system
-        .http
-        .get(system.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.metrics().await;
     assert!(
         metrics.contains("policy_failures_total{kind=\"deadline\",policy=\"stuck\"}"),
         "{metrics}"

@@ -345,8 +345,14 @@ async fn apns_pushes_go_only_to_offline_devices_without_content_when_the_convers
     system.start_push(Some(senders)).await;
 
     let apns_token = "a1".repeat(32);
-    register(&system, "bob", "apns", &apns_token, true).await;
     let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    // Before bob has a device there is nothing to push (and the consumers remember that)...
+    send_text(&system, "alice", conversation, "before any device").await;
+    assert_eq!(system.wait_for_messages(1, PATIENCE).await, 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(recorder.sent().is_empty());
+    // ...until he registers one: the registration is announced and pushes start at once.
+    register(&system, "bob", "apns", &apns_token, true).await;
     let response = system
         .http
         .put(system.url(&format!("/v1/conversations/{conversation}/settings")))
@@ -374,7 +380,7 @@ async fn apns_pushes_go_only_to_offline_devices_without_content_when_the_convers
         "{}",
         notification.body
     );
-    assert_eq!(notification.badge, Some(1));
+    assert_eq!(notification.badge, Some(2), "two unread: the first and this one");
 
     // Online: the WebSocket gets it, no push is scheduled.
     let mut bob = connect(&system, &system.base, "bob").await;
@@ -422,15 +428,7 @@ async fn apns_pushes_go_only_to_offline_devices_without_content_when_the_convers
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(recorder.sent().len(), 4, "no retry after Unregistered");
 
-    let metrics: String = system
-        .http
-        .get(system.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics: String = system.metrics().await;
     for needle in [
         "delivery_push_enqueued_total{reason=\"offline\"",
         "delivery_push_sent_total{platform=\"apns\"",
@@ -477,15 +475,7 @@ async fn a_provider_that_is_down_trips_the_breaker_and_its_tasks_wait_in_the_str
         .expect("PUSH");
     let waiting = stream.info().await.expect("info").state.messages;
     assert_eq!(waiting, 10, "the tasks wait in the stream");
-    let metrics = system
-        .http
-        .get(system.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = system.metrics().await;
     assert!(
         metrics.contains("delivery_push_breaker_open{platform=\"fcm\""),
         "the breaker is visible in the metrics"

@@ -81,19 +81,6 @@ async fn presence_until(
     }
 }
 
-/// This process's metrics (gateways and consumers of every test here share one registry).
-async fn metrics(system: &System) -> String {
-    system
-        .http
-        .get(system.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 fn has_metric(metrics: &str, name: &str, label: &str) -> bool {
     metrics
         .lines()
@@ -137,7 +124,7 @@ async fn a_recipient_on_another_gateway_gets_each_message_once_in_seq_order() {
         seq_and_content(&next_frame(&mut bob).await),
         (21, "m-21".into())
     );
-    let metrics = metrics(&system).await;
+    let metrics = system.metrics().await;
     for (name, label) in [
         (
             "delivery_fanout_attempted_total",
@@ -166,7 +153,7 @@ async fn the_sender_is_told_when_its_message_is_sent_and_offline_recipients_are_
         );
     }
     // Bob never connected: he counts as offline (left for catch-up; no push sender yet).
-    let metrics = metrics(&system).await;
+    let metrics = system.metrics().await;
     assert!(
         has_metric(
             &metrics,
@@ -518,7 +505,7 @@ async fn a_client_that_never_reads_is_cut_off_while_others_keep_receiving() {
         received < sent,
         "bob received {received} of {sent}: not cut off"
     );
-    let metrics = metrics(&system).await;
+    let metrics = system.metrics().await;
     assert!(
         has_metric(
             &metrics,
@@ -765,7 +752,7 @@ async fn a_killed_gateways_users_go_offline_within_the_presence_ttl() {
             "recipient_status=\"offline\"",
         )
     };
-    let before = offline(&metrics(&system).await);
+    let before = offline(&system.metrics().await);
     const OFFLINE_SENDS: usize = 5;
     send_many(&system, "alice", conversation, 2, OFFLINE_SENDS).await;
     assert_eq!(
@@ -776,7 +763,7 @@ async fn a_killed_gateways_users_go_offline_within_the_presence_ttl() {
     );
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let after = offline(&metrics(&system).await);
+        let after = offline(&system.metrics().await);
         if after - before >= OFFLINE_SENDS as f64 {
             break;
         }

@@ -49,6 +49,10 @@ pub async fn run(
         presence.clone(),
         metrics.clone(),
     );
+    {
+        let (push, shutdown) = (push.clone(), shutdown.clone());
+        tokio::spawn(async move { push.listen_for_device_changes(shutdown).await });
+    }
     let partitions = config.owned_partitions();
     let shared_config = std::sync::Arc::new(config.clone());
     let mut workers = JoinSet::new();

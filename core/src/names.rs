@@ -23,6 +23,10 @@ pub const FACTS_INVALIDATE_SUBJECT: &str = "hotpath.facts.invalidate";
 /// NATS core subject on which the consumers announce that a conversation got new messages, so
 /// gateways drop their cached history pages of it. Payload: `{"conversationId": …}`.
 pub const HISTORY_INVALIDATE_SUBJECT: &str = "hotpath.cache.history";
+/// NATS core subject on which the gateways announce that a user registered a device, so the
+/// delivery consumers drop what they cached about that user's devices. Payload:
+/// `{"userId": …}`.
+pub const DEVICES_CHANGED_SUBJECT: &str = "hotpath.devices.changed";
 /// KV bucket saying which socket nodes hold a user's open WebSockets (see
 /// [`crate::presence`]).
 pub const PRESENCE_BUCKET: &str = "PRESENCE";

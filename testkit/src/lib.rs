@@ -234,6 +234,19 @@ impl System {
         auth::mint_hs256_token(SECRET.as_bytes(), user, 3600).expect("token")
     }
 
+    /// The process's metrics, from the gateway's `/metrics` (every role started in this test
+    /// process shares one registry).
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

@@ -5,20 +5,25 @@
 //! `Nats-Msg-Id` (message, recipient, platform) lets JetStream drop the second copy, and the
 //! push workers skip devices that already got the message (`push_deliveries`).
 //!
-//! Cheap by construction: one indexed query per batch finds which recipients have devices at
-//! all (usually few), presence is asked only about those, and what is scheduled is a publish
-//! to a local stream. The whole step is bounded in time; if NATS or Postgres cannot answer
+//! Cheap by construction: which recipients have devices at all (usually few) is cached per
+//! user for a minute, so a batch of known users costs no query (the gateways announce a new
+//! registration on `hotpath.devices.changed` and the entry is dropped at once; a device that
+//! went away only costs a task that finds nothing to send); presence is asked only about
+//! users with devices, and what is scheduled is a publish to a local stream. The whole step is bounded in time; if NATS or Postgres cannot answer
 //! within it the pushes of that batch are counted as failed and the batch goes on: a push is a
 //! courtesy, the message itself is already safe.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use hotpath_core::envelope::Envelope;
-use hotpath_core::names::{push_subject, push_task_msg_id};
+use hotpath_core::names::{DEVICES_CHANGED_SUBJECT, push_subject, push_task_msg_id};
+use moka::future::Cache;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use super::{Platform, PushTask};
 use crate::fanout::PresenceLookup;
@@ -35,7 +40,12 @@ pub struct PushScheduler {
     js: jetstream::Context,
     presence: PresenceLookup,
     metrics: DeliveryMetrics,
+    /// User id → the platforms they have devices on (empty: none).
+    devices: Cache<String, Arc<[Platform]>>,
 }
+
+/// How long what is known of a user's devices is reused, behind explicit invalidation.
+const DEVICES_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// Why a recipient is pushed: the label of `delivery_push_enqueued_total`.
 #[derive(Clone, Copy)]
@@ -66,7 +76,85 @@ impl PushScheduler {
             js,
             presence,
             metrics,
+            devices: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(DEVICES_CACHE_TTL)
+                .build(),
         }
+    }
+
+    /// Drops cached device knowledge of the users named on `hotpath.devices.changed` until
+    /// `shutdown`. Runs for as long as the consumers do.
+    pub async fn listen_for_device_changes(&self, shutdown: CancellationToken) {
+        let mut changes = loop {
+            match self.js.client().subscribe(DEVICES_CHANGED_SUBJECT).await {
+                Ok(changes) => break changes,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot follow device changes; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        };
+        loop {
+            let change = tokio::select! {
+                change = changes.next() => change,
+                () = shutdown.cancelled() => return,
+            };
+            let Some(change) = change else { return };
+            let user = serde_json::from_slice::<serde_json::Value>(&change.payload)
+                .ok()
+                .and_then(|v| v.get("userId")?.as_str().map(str::to_string));
+            if let Some(user) = user {
+                self.devices.invalidate(&user).await;
+            }
+        }
+    }
+
+    /// The platforms each of `users` has devices on; those without any are left out. Reads
+    /// Postgres only for users not known from the last minute.
+    async fn platforms(
+        &self,
+        users: &[&str],
+    ) -> Result<HashMap<String, Arc<[Platform]>>, sqlx::Error> {
+        let mut known = HashMap::new();
+        let mut unknown: Vec<&str> = Vec::new();
+        for &user in users {
+            match self.devices.get(user).await {
+                Some(platforms) => {
+                    known.insert(user.to_string(), platforms);
+                }
+                None => unknown.push(user),
+            }
+        }
+        if !unknown.is_empty() {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT DISTINCT user_id, platform FROM devices WHERE user_id = ANY($1)",
+            )
+            .bind(&unknown)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut found: HashMap<&str, Vec<Platform>> =
+                unknown.iter().map(|&user| (user, Vec::new())).collect();
+            for (user, platform) in &rows {
+                if let (Some(list), Some(platform)) =
+                    (found.get_mut(user.as_str()), Platform::parse(platform))
+                {
+                    list.push(platform);
+                }
+            }
+            for (user, platforms) in found {
+                let platforms: Arc<[Platform]> = platforms.into();
+                self.devices
+                    .insert(user.to_string(), platforms.clone())
+                    .await;
+                known.insert(user.to_string(), platforms);
+            }
+        }
+        known.retain(|_, platforms| !platforms.is_empty());
+        Ok(known)
     }
 
     /// Schedules the pushes of `messages` (stored by this batch or before it). Never fails:
@@ -103,20 +191,9 @@ impl PushScheduler {
             return Ok(());
         }
         let recipients: Vec<&str> = recipients.into_iter().collect();
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT DISTINCT user_id, platform FROM devices WHERE user_id = ANY($1)",
-        )
-        .bind(&recipients)
-        .fetch_all(&self.pool)
-        .await?;
-        if rows.is_empty() {
+        let platforms = self.platforms(&recipients).await?;
+        if platforms.is_empty() {
             return Ok(());
-        }
-        let mut platforms: HashMap<String, Vec<Platform>> = HashMap::new();
-        for (user_id, platform) in rows {
-            if let Some(platform) = Platform::parse(&platform) {
-                platforms.entry(user_id).or_default().push(platform);
-            }
         }
 
         // Who of them is offline now.
@@ -148,7 +225,7 @@ impl PushScheduler {
                 else {
                     continue;
                 };
-                for &platform in platforms {
+                for &platform in platforms.iter() {
                     let task = PushTask {
                         message_id: envelope.message_id,
                         conversation_id: envelope.conversation_id,

@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
+use hotpath_core::names::DEVICES_CHANGED_SUBJECT;
 use hotpath_core::rejection::Rejection;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -113,6 +114,16 @@ pub async fn register(
     tx.commit().await.map_err(db_error)?;
     if forgotten > 0 {
         tracing::info!(user_id = %user_id, forgotten, "forgot devices beyond the per-user limit");
+    }
+    // The delivery consumers cache who has devices; a user who had none must be pushed from
+    // now on. Best effort: a lost announcement is bounded by that cache's time to live.
+    let changed = json!({ "userId": user_id }).to_string();
+    if let Err(error) = state
+        .nats
+        .publish(DEVICES_CHANGED_SUBJECT, changed.into())
+        .await
+    {
+        tracing::debug!(%error, "device change not announced");
     }
 
     let status = if inserted {
