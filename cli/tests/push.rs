@@ -380,7 +380,11 @@ async fn apns_pushes_go_only_to_offline_devices_without_content_when_the_convers
         "{}",
         notification.body
     );
-    assert_eq!(notification.badge, Some(2), "two unread: the first and this one");
+    assert_eq!(
+        notification.badge,
+        Some(2),
+        "two unread: the first and this one"
+    );
 
     // Online: the WebSocket gets it, no push is scheduled.
     let mut bob = connect(&system, &system.base, "bob").await;
