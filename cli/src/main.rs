@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use hotpath::{bench, dlq, policy, roles, up};
 use hotpath_core::auth;
 use hotpath_core::config::Config;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -113,28 +114,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Consumers {
             metrics_listen,
             config,
-        } => {
-            tracing::info!(config = %config, "configuration");
-            roles::prepare(&config).await?;
-            let shutdown = CancellationToken::new();
-            let metrics = roles::spawn_metrics_endpoint(metrics_listen, shutdown.clone()).await?;
-            let task = roles::spawn_consumers(config, shutdown.clone()).await?;
-            let outcome = roles::run_until_signal("consumers", task, shutdown.clone()).await;
-            metrics.await??;
-            outcome
-        }
+        } => run_behind_metrics("consumers", metrics_listen, config, roles::spawn_consumers).await,
         Command::Push {
             metrics_listen,
             config,
         } => {
-            tracing::info!(config = %config, "configuration");
-            roles::prepare(&config).await?;
-            let shutdown = CancellationToken::new();
-            let metrics = roles::spawn_metrics_endpoint(metrics_listen, shutdown.clone()).await?;
-            let task = roles::spawn_push(config, None, shutdown.clone()).await?;
-            let outcome = roles::run_until_signal("push workers", task, shutdown.clone()).await;
-            metrics.await??;
-            outcome
+            run_behind_metrics(
+                "push workers",
+                metrics_listen,
+                config,
+                |config, shutdown| roles::spawn_push(config, None, shutdown),
+            )
+            .await
         }
         Command::Dlq {
             command,
@@ -162,4 +153,26 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
         } => policy::run(command, policy::nats_url(nats_url, &data_dir)).await,
     }
+}
+
+/// Runs a role that serves no HTTP of its own (`consumers`, `push`) until a signal, with
+/// `/metrics` and `/healthz` on `metrics_listen`.
+async fn run_behind_metrics<Start, Started>(
+    name: &str,
+    metrics_listen: SocketAddr,
+    config: Config,
+    start: Start,
+) -> anyhow::Result<()>
+where
+    Start: FnOnce(Config, CancellationToken) -> Started,
+    Started: Future<Output = anyhow::Result<JoinHandle<anyhow::Result<()>>>>,
+{
+    tracing::info!(config = %config, "configuration");
+    roles::prepare(&config).await?;
+    let shutdown = CancellationToken::new();
+    let metrics = roles::spawn_metrics_endpoint(metrics_listen, shutdown.clone()).await?;
+    let task = start(config, shutdown.clone()).await?;
+    let outcome = roles::run_until_signal(name, task, shutdown.clone()).await;
+    metrics.await??;
+    outcome
 }

@@ -11,6 +11,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, Message, message::PublishMessage};
 use hotpath_core::names::{dlq_headers, dlq_subject};
+use opentelemetry::KeyValue;
+
+use crate::metrics::DeliveryMetrics;
 
 pub struct DeadLetter<'a> {
     /// The stream it came from (`MESSAGES`, `RECEIPTS`).
@@ -22,6 +25,28 @@ pub struct DeadLetter<'a> {
     pub stream_seq: u64,
     pub deliveries: i64,
     pub reason: &'a str,
+}
+
+impl<'a> DeadLetter<'a> {
+    /// The letter for a message fetched from `source_stream` (DLQ subject `dlq.<source>`).
+    pub fn of(
+        message: &'a Message,
+        source_stream: &'a str,
+        source: &'a str,
+        stream_seq: u64,
+        deliveries: i64,
+        reason: &'a str,
+    ) -> DeadLetter<'a> {
+        DeadLetter {
+            source_stream,
+            source,
+            payload: &message.payload,
+            subject: message.subject.as_str(),
+            stream_seq,
+            deliveries,
+            reason,
+        }
+    }
 }
 
 /// Publishes to `dlq.<source>` and waits for JetStream to store it.
@@ -53,10 +78,11 @@ pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow:
 }
 
 /// Moves a fetched `message` to the DLQ: publishes the letter, then term-acks the original so
-/// it is never delivered again. If the DLQ cannot take it, the message is nak'ed for another
-/// try in a second. Returns whether it moved.
+/// it is never delivered again, and counts it in `delivery_dlq_total{source}`. If the DLQ
+/// cannot take it, the message is nak'ed for another try in a second. Returns whether it moved.
 pub async fn move_message(
     js: &jetstream::Context,
+    metrics: &DeliveryMetrics,
     message: &Message,
     letter: DeadLetter<'_>,
 ) -> bool {
@@ -69,6 +95,9 @@ pub async fn move_message(
     match publish(js, letter).await {
         Ok(()) => {
             tracing::warn!(source, stream_seq, deliveries, reason, "moved to DLQ");
+            metrics
+                .dlq_total
+                .add(1, &[KeyValue::new("source", source.to_string())]);
             let _ = message.ack_with(AckKind::Term).await;
             true
         }

@@ -416,19 +416,15 @@ impl PartitionWorker {
     }
 
     async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
-        let letter = DeadLetter {
-            source_stream: MESSAGES_STREAM,
-            source: "messages",
-            payload: &message.payload,
-            subject: message.subject.as_str(),
+        let letter = DeadLetter::of(
+            message,
+            MESSAGES_STREAM,
+            "messages",
             stream_seq,
             deliveries,
             reason,
-        };
-        if dlq::move_message(&self.js, message, letter).await {
-            self.metrics
-                .dlq_total
-                .add(1, &[KeyValue::new("source", "messages")]);
+        );
+        if dlq::move_message(&self.js, &self.metrics, message, letter).await {
             self.metrics.processed(self.partition, "dead_lettered", 1);
         }
     }

@@ -34,7 +34,6 @@ use hotpath_core::db::is_transient;
 use hotpath_core::events::{Event, MessageState};
 use hotpath_core::names::{RECEIPTS_STREAM, deliver_subject};
 use hotpath_core::receipts::{Receipt, ReceiptState};
-use opentelemetry::KeyValue;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -282,20 +281,15 @@ impl ReceiptsWorker {
     }
 
     async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
-        let letter = DeadLetter {
-            source_stream: RECEIPTS_STREAM,
-            source: "receipts",
-            payload: &message.payload,
-            subject: message.subject.as_str(),
+        let letter = DeadLetter::of(
+            message,
+            RECEIPTS_STREAM,
+            "receipts",
             stream_seq,
             deliveries,
             reason,
-        };
-        if dlq::move_message(&self.js, message, letter).await {
-            self.metrics
-                .dlq_total
-                .add(1, &[KeyValue::new("source", "receipts")]);
-        }
+        );
+        dlq::move_message(&self.js, &self.metrics, message, letter).await;
     }
 
     async fn publish(&self, user_id: &str, frame: Bytes) {

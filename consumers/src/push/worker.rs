@@ -489,21 +489,9 @@ impl PlatformWorker {
 
     async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
         self.forget_deferrals(stream_seq);
-        let subject = message.subject.to_string();
-        let letter = DeadLetter {
-            source_stream: PUSH_STREAM,
-            source: "push",
-            payload: &message.payload,
-            subject: &subject,
-            stream_seq,
-            deliveries,
-            reason,
-        };
-        if dlq::move_message(&self.js, message, letter).await {
+        let letter = DeadLetter::of(message, PUSH_STREAM, "push", stream_seq, deliveries, reason);
+        if dlq::move_message(&self.js, &self.metrics, message, letter).await {
             self.metrics.push_failed("dead_lettered", 1);
-            self.metrics
-                .dlq_total
-                .add(1, &[KeyValue::new("source", "push")]);
         }
     }
 }
