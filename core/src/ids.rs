@@ -10,8 +10,12 @@ use uuid::Uuid;
 
 /// The key for a message (the README's "Idempotency and order"):
 ///
-/// * with a `clientMessageId`: SHA-256 over (sender, clientMessageId), scoped to the sender so
-///   one user cannot suppress another's message by reusing an id;
+/// * with a `clientMessageId`: SHA-256 over (sender, conversation, clientMessageId). Scoped to
+///   the sender, so one user cannot suppress another's message by reusing an id, and to the
+///   conversation, so a client that numbers its ids per conversation never collides with
+///   itself. A clientMessageId names one message of one sender in one conversation, forever.
+///   (Keys stored before the conversation was part of it, SHA-256 over (sender,
+///   clientMessageId), stay valid: the unique index is on the key, whatever its recipe.)
 /// * without one: SHA-256 over (conversation, sender, content, one-second window), which folds
 ///   an accidental double submit of the same text within the same second into one message.
 pub fn idempotency_key(
@@ -22,7 +26,10 @@ pub fn idempotency_key(
     unix_seconds: i64,
 ) -> String {
     match client_message_id {
-        Some(client_id) => format!("client_{}", digest_hex(&["client", sender_id, client_id])),
+        Some(client_id) => format!(
+            "client_{}",
+            digest_hex(&["client", sender_id, conversation_id, client_id])
+        ),
         None => {
             let window = unix_seconds.to_string();
             format!(
@@ -57,12 +64,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_key_ignores_content_and_time_but_not_sender() {
+    fn client_key_ignores_content_and_time_but_not_sender_or_conversation() {
         let a = idempotency_key("alice", Some("m-1"), "c1", "hello", 100);
-        let again = idempotency_key("alice", Some("m-1"), "c2", "other", 999);
+        let again = idempotency_key("alice", Some("m-1"), "c1", "other", 999);
         let bob = idempotency_key("bob", Some("m-1"), "c1", "hello", 100);
+        let elsewhere = idempotency_key("alice", Some("m-1"), "c2", "hello", 100);
         assert_eq!(a, again);
         assert_ne!(a, bob);
+        assert_ne!(a, elsewhere);
         assert!(a.starts_with("client_"));
     }
 
