@@ -509,6 +509,7 @@ async fn a_poison_message_lands_in_the_dlq_and_does_not_block_its_partition() {
         metadata: serde_json::Map::new(),
         priority: "normal".into(),
         accepted_at: chrono::Utc::now(),
+        request_digest: None,
     };
     let orphan_bytes = orphan.encode();
     let orphan_ack = js

@@ -37,9 +37,11 @@ const INSERT_BATCH: &str = r#"
 WITH input AS (
     SELECT * FROM UNNEST(
         $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::text[], $9::text[], $10::uuid[], $11::int[], $12::int8[], $13::timestamptz[]
+        $8::text[], $9::text[], $10::uuid[], $11::int[], $12::int8[], $13::timestamptz[],
+        $14::text[]
     ) AS t(id, conversation_id, sender_id, content, content_type, recipients, metadata,
-           priority, idempotency_key, correlation_id, stream_partition, stream_seq, accepted_at)
+           priority, idempotency_key, correlation_id, stream_partition, stream_seq, accepted_at,
+           request_digest)
 ),
 fresh AS (
     SELECT DISTINCT ON (i.idempotency_key) i.*
@@ -56,10 +58,11 @@ numbered AS (
 inserted AS (
     INSERT INTO messages (id, conversation_id, seq, sender_id, content, content_type,
                           recipient_ids, metadata, priority, idempotency_key, correlation_id,
-                          stream_partition, stream_seq, accepted_at)
+                          stream_partition, stream_seq, accepted_at, request_digest)
     SELECT id, conversation_id, seq, sender_id, content, content_type,
            ARRAY(SELECT jsonb_array_elements_text(recipients::jsonb)), metadata::jsonb,
-           priority, idempotency_key, correlation_id, stream_partition, stream_seq, accepted_at
+           priority, idempotency_key, correlation_id, stream_partition, stream_seq, accepted_at,
+           request_digest
       FROM numbered
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING idempotency_key, conversation_id, seq
@@ -116,6 +119,7 @@ pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::E
         .bind(&columns.partitions)
         .bind(&columns.stream_seqs)
         .bind(&columns.accepted_at)
+        .bind(&columns.request_digests)
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -150,6 +154,7 @@ struct Columns {
     partitions: Vec<i32>,
     stream_seqs: Vec<i64>,
     accepted_at: Vec<DateTime<Utc>>,
+    request_digests: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -174,6 +179,7 @@ impl Columns {
             partitions: picked().map(|r| r.partition as i32).collect(),
             stream_seqs: picked().map(|r| r.stream_seq as i64).collect(),
             accepted_at: envelopes().map(|e| e.accepted_at).collect(),
+            request_digests: envelopes().map(|e| e.request_digest.clone()).collect(),
         }
     }
 }

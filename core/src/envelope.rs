@@ -28,6 +28,11 @@ pub struct Envelope {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub priority: String,
     pub accepted_at: DateTime<Utc>,
+    /// What the request was ([`crate::ids::request_digest`]), so a reuse of the key for a
+    /// different request is told from a retry. Envelopes written before it existed have none
+    /// (and still decode); a missing digest never conflicts ([`crate::ids::conflicts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<String>,
 }
 
 impl Envelope {
@@ -57,9 +62,8 @@ pub enum EnvelopeError {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trips_and_refuses_unknown_versions() {
-        let envelope = Envelope {
+    fn sample() -> Envelope {
+        Envelope {
             version: ENVELOPE_VERSION,
             message_id: Uuid::nil(),
             correlation_id: Uuid::nil(),
@@ -72,7 +76,13 @@ mod tests {
             metadata: serde_json::Map::new(),
             priority: "normal".into(),
             accepted_at: Utc::now(),
-        };
+            request_digest: Some("d".into()),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_unknown_versions() {
+        let envelope = sample();
         let bytes = envelope.encode();
         assert_eq!(Envelope::decode(&bytes).unwrap(), envelope);
 
@@ -83,5 +93,14 @@ mod tests {
             Err(EnvelopeError::UnknownVersion(99))
         ));
         assert!(Envelope::decode(b"not json").is_err());
+    }
+
+    #[test]
+    fn envelopes_from_before_request_digests_still_decode() {
+        let mut old = serde_json::to_value(sample()).unwrap();
+        assert_eq!(old["requestDigest"], "d");
+        old.as_object_mut().unwrap().remove("requestDigest");
+        let decoded = Envelope::decode(old.to_string().as_bytes()).unwrap();
+        assert_eq!(decoded.request_digest, None);
     }
 }

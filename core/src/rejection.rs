@@ -5,6 +5,7 @@
 //! invent strings. The wire shape is `{"error": {"code", "message", "details"}}`.
 
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Rejection {
@@ -43,6 +44,14 @@ pub enum Rejection {
         user_id: String,
         other_user_id: String,
     },
+    /// The request reuses an idempotency key (its `clientMessageId`, or without one the same
+    /// text in the same second) that already names a different message: not a retry, and
+    /// never silently dropped (ADR 0005). Also the reason of a message that is `rejected`.
+    #[error(
+        "this idempotency key already names a different message ({original_message_id}): \
+         send a new message with a new clientMessageId"
+    )]
+    IdempotencyKeyReused { original_message_id: Uuid },
     #[error("message not found: {message_id}")]
     MessageNotFound { message_id: String },
     /// The caller has no device with that push token. The token itself is never echoed: it is
@@ -98,7 +107,9 @@ impl Rejection {
             | Rejection::MessageNotFound { .. }
             | Rejection::DeviceNotFound
             | Rejection::RouteNotFound => 404,
-            Rejection::ConversationInactive { .. } | Rejection::UserBlocked { .. } => 409,
+            Rejection::ConversationInactive { .. }
+            | Rejection::UserBlocked { .. }
+            | Rejection::IdempotencyKeyReused { .. } => 409,
             Rejection::PayloadTooLarge { .. } => 413,
             Rejection::RateLimitExceeded { .. } => 429,
             Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => 500,
@@ -120,6 +131,7 @@ impl Rejection {
             Rejection::ConversationNotFound { .. } => "CONVERSATION_NOT_FOUND",
             Rejection::ConversationInactive { .. } => "CONVERSATION_INACTIVE",
             Rejection::UserBlocked { .. } => "USER_BLOCKED",
+            Rejection::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             Rejection::MessageNotFound { .. } => "MESSAGE_NOT_FOUND",
             Rejection::DeviceNotFound => "DEVICE_NOT_FOUND",
             Rejection::RouteNotFound => "NOT_FOUND",
@@ -148,6 +160,7 @@ impl Rejection {
             Rejection::ConversationNotFound { .. } => "conversation_not_found",
             Rejection::ConversationInactive { .. } => "conversation_inactive",
             Rejection::UserBlocked { .. } => "user_blocked",
+            Rejection::IdempotencyKeyReused { .. } => "idempotency_key_reused",
             Rejection::MessageNotFound { .. } => "message_not_found",
             Rejection::DeviceNotFound => "device_not_found",
             Rejection::RouteNotFound => "route_not_found",
@@ -208,6 +221,9 @@ impl Rejection {
             } => {
                 json!({ "userId": user_id, "otherUserId": other_user_id })
             }
+            Rejection::IdempotencyKeyReused {
+                original_message_id,
+            } => json!({ "originalMessageId": original_message_id }),
             Rejection::MessageNotFound { message_id } => json!({ "messageId": message_id }),
             Rejection::DeviceNotFound | Rejection::RouteNotFound => json!({}),
             Rejection::PayloadTooLarge { limit_bytes } => json!({ "limitBytes": limit_bytes }),
@@ -225,15 +241,19 @@ impl Rejection {
         }
     }
 
+    /// `{code, message, details}`: the `error` of the body, and the `reason` of a message
+    /// whose state is `rejected` (status route, `message.state.changed`).
+    pub fn reason(&self) -> Value {
+        json!({
+            "code": self.code(),
+            "message": self.to_string(),
+            "details": self.details(),
+        })
+    }
+
     /// The JSON body sent to the client.
     pub fn body(&self) -> Value {
-        json!({
-            "error": {
-                "code": self.code(),
-                "message": self.to_string(),
-                "details": self.details(),
-            }
-        })
+        json!({ "error": self.reason() })
     }
 }
 
@@ -407,6 +427,23 @@ mod tests {
                 "details": {}
             }})
         );
+    }
+
+    #[test]
+    fn a_reused_key_is_409_naming_the_original() {
+        let original = Uuid::nil();
+        let rejection = Rejection::IdempotencyKeyReused {
+            original_message_id: original,
+        };
+        assert_eq!(rejection.status(), 409);
+        assert_eq!(rejection.telemetry_label(), "idempotency_key_reused");
+        let body = rejection.body();
+        assert_eq!(body["error"]["code"], "IDEMPOTENCY_KEY_REUSED");
+        assert_eq!(
+            body["error"]["details"],
+            json!({"originalMessageId": original})
+        );
+        assert_eq!(body["error"], rejection.reason());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! Start reading at [`routes::send`], which tells the hot path in order, then [`socket`].
 
+mod duplicates;
 pub mod facts;
 mod http;
 mod metrics;

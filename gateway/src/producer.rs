@@ -3,14 +3,17 @@
 //! Publishes are pipelined: each request sends its message and awaits its own PubAck, with
 //! no lock and no one-at-a-time round trip, so thousands can be in flight on one connection.
 //! Every publish carries `Nats-Msg-Id` = the idempotency key, and the PubAck's `duplicate`
-//! flag tells a retry apart from a first send. If NATS is down or the stream refuses the
-//! message, the caller learns it within the publish timeout, as a 503 with Retry-After.
+//! flag tells a repeated key apart from a first send (whether it is a retry is decided by
+//! [`crate::duplicates`], which reads the kept message back with [`Producer::kept`]). If NATS
+//! is down or the stream refuses the message, the caller learns it within the publish timeout,
+//! as a 503 with Retry-After.
 
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use hotpath_core::envelope::Envelope;
 use hotpath_core::names::{message_subject, partition_of, receipt_subject};
@@ -20,10 +23,13 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
 
 /// What JetStream said about a publish.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Published {
-    /// True when the stream already had this key: the message was accepted before.
+    /// True when the stream already had this key within its duplicate window: a message with
+    /// it was accepted before, and this one was not stored.
     pub duplicate: bool,
+    /// The stream that holds the message: this one, or for a duplicate the one it kept.
+    pub stream: String,
     pub stream_sequence: u64,
 }
 
@@ -87,6 +93,7 @@ impl Producer {
         match outcome {
             Ok(Ok(ack)) => Ok(Published {
                 duplicate: ack.duplicate,
+                stream: ack.stream,
                 stream_sequence: ack.sequence,
             }),
             Ok(Err(error)) => Err(classify(error)),
@@ -98,6 +105,20 @@ impl Producer {
 }
 
 impl Producer {
+    /// The envelope at `sequence` of `stream`, read with a direct get (the stream allows it:
+    /// `allow_direct` in `nats/streams/MESSAGES.json`, so any replica answers; bounded by the
+    /// publish timeout). `None` when the stream no longer holds it; an error when it could not
+    /// be asked or what it holds is not an envelope.
+    pub async fn kept(&self, stream: &str, sequence: u64) -> anyhow::Result<Option<Envelope>> {
+        let stream = self.js.get_stream_no_info(stream).await?;
+        // The context's request timeout is the publish timeout.
+        match stream.direct_get(sequence).await {
+            Ok(message) => Ok(Some(Envelope::decode(&message.payload)?)),
+            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     /// Publishes a receipt to `receipts.<p>` (p: the conversation's partition) with
     /// `Nats-Msg-Id` = `<messageId>:<userId>:<state>`, so a repeated ack within the stream's
     /// duplicate window is stored once. Bounded by the publish timeout like a message.

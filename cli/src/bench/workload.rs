@@ -10,7 +10,7 @@ use chrono::Utc;
 use futures::{StreamExt as _, TryStreamExt as _};
 use hotpath_core::auth;
 use hotpath_core::envelope::{ENVELOPE_VERSION, Envelope};
-use hotpath_core::ids::{idempotency_key, message_id};
+use hotpath_core::ids::{self, idempotency_key, message_id, request_digest};
 use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -160,8 +160,8 @@ impl Workload {
         }
     }
 
-    /// The envelope the gateway would publish for message `seq`: same derivation of key and
-    /// id, recipients = every other member, as `routes/send.rs` does.
+    /// The envelope the gateway would publish for message `seq`: same derivation of key,
+    /// request digest and id, recipients = every other member, as `routes/send.rs` does.
     pub fn envelope(&self, seq: u64) -> Envelope {
         let message = self.message(seq);
         let accepted_at = Utc::now();
@@ -173,9 +173,17 @@ impl Workload {
             &message.content,
             accepted_at.timestamp(),
         );
+        let metadata = serde_json::Map::new();
+        let digest = request_digest(&ids::Request {
+            content: &message.content,
+            content_type: "text",
+            metadata: &metadata,
+            recipient_ids: None,
+            priority: "normal",
+        });
         Envelope {
             version: ENVELOPE_VERSION,
-            message_id: message_id(&key),
+            message_id: message_id(&key, &digest),
             correlation_id: Uuid::new_v4(),
             idempotency_key: key,
             conversation_id,
@@ -189,9 +197,10 @@ impl Workload {
                 .filter(|m| **m != message.user.id)
                 .cloned()
                 .collect(),
-            metadata: serde_json::Map::new(),
+            metadata,
             priority: "normal".to_string(),
             accepted_at,
+            request_digest: Some(digest),
         }
     }
 

@@ -1,8 +1,9 @@
 //! `POST /v1/messages`: the hot path, in the order it happens.
 //!
 //! shed load if full → authenticate → rate limit → read a bounded body → load facts from the cache → run the check
-//! chain → derive the idempotency key and message id → publish to JetStream → 202 `pending`.
-//! Nothing here writes to Postgres; persisting is the consumers' job.
+//! chain → derive the idempotency key, request digest and message id → publish to JetStream →
+//! (a duplicate: retry, or key reused for another message? [`crate::duplicates`]) → 202
+//! `pending`. Nothing here writes to Postgres; persisting is the consumers' job.
 //!
 //! A `send` frame on a WebSocket (`routes::ws`) takes the same path from [`accept`] on: only
 //! how the user and the body arrive differs.
@@ -16,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use hotpath_core::envelope::{ENVELOPE_VERSION, Envelope};
-use hotpath_core::ids::{idempotency_key, message_id};
+use hotpath_core::ids::{self, idempotency_key, message_id, request_digest};
 use hotpath_core::rejection::Rejection;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -156,7 +157,8 @@ pub async fn accept(
         });
     };
 
-    // 5. Identity: the idempotency key and the message id derived from it.
+    // 5. Identity: the idempotency key (which message the client means), the request digest
+    //    (what it asks for) and the message id derived from both.
     let accepted_at = Utc::now();
     let key = idempotency_key(
         &user_id,
@@ -165,7 +167,16 @@ pub async fn accept(
         &request.content,
         accepted_at.timestamp(),
     );
-    let message_id = message_id(&key);
+    let metadata = request.metadata.unwrap_or_default();
+    let priority = request.priority.unwrap_or_else(|| "normal".to_string());
+    let digest = request_digest(&ids::Request {
+        content: &request.content,
+        content_type: &request.content_type,
+        metadata: &metadata,
+        recipient_ids: request.recipient_ids.as_deref(),
+        priority: &priority,
+    });
+    let message_id = message_id(&key, &digest);
     let recipient_ids = request.recipient_ids.unwrap_or_else(|| {
         conversation
             .active_members
@@ -174,7 +185,6 @@ pub async fn accept(
             .cloned()
             .collect()
     });
-    let priority = request.priority.unwrap_or_else(|| "normal".to_string());
     let envelope = Envelope {
         version: ENVELOPE_VERSION,
         message_id,
@@ -185,13 +195,20 @@ pub async fn accept(
         content: request.content,
         content_type: request.content_type,
         recipient_ids,
-        metadata: request.metadata.unwrap_or_default(),
+        metadata,
         priority,
         accepted_at,
+        request_digest: Some(digest),
     };
 
-    // 6. Publish; JetStream's PubAck says whether it had this key already.
+    // 6. Publish; JetStream's PubAck says whether it had this key already, and if so, the
+    //    message it kept tells a retry (answered with that message's id) from a reuse (409).
     let published = state.producer.publish(&envelope).await?;
+    let message_id = if published.duplicate {
+        crate::duplicates::retried(state, &envelope, &published).await?
+    } else {
+        message_id
+    };
     state
         .recently_accepted
         .insert(
