@@ -136,13 +136,19 @@ fn ticks(time: Duration) -> u64 {
     u64::try_from(ticks).unwrap_or(u64::MAX)
 }
 
-/// Caps linear memory at [`MAX_MEMORY_BYTES`] and remembers whether it had to say no, so a
-/// trap that follows a refused `memory.grow` (typically an allocator giving up) is reported as
-/// a memory failure rather than a plain trap. The pooling allocator enforces the same cap; this
-/// is what lets us see it happen.
+/// Caps linear memory at [`MAX_MEMORY_BYTES`], and makes hitting the cap end the evaluation.
+///
+/// The WebAssembly specification has a refused `memory.grow` return -1 and carry on, which
+/// would let a module that ran into the cap still answer "allow" (an allocator that gives up
+/// quietly, a policy that skips the check it had no room for). The ABI says hitting the cap is
+/// a failure, so a refused growth traps on the spot, as wasmtime's own `StoreLimits` does with
+/// `trap_on_grow_failure`: the module cannot answer after it, and no CPU is spent on a module
+/// that keeps asking. `refused` keeps why, so [`failure`] reports a memory failure in plain words
+/// rather than a trap with a backtrace. The pooling allocator enforces the same cap; this is
+/// what lets us see it happen.
 #[derive(Default)]
 struct MemoryLimiter {
-    refused: bool,
+    refused: Option<String>,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -152,14 +158,26 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let allowed = desired <= MAX_MEMORY_BYTES;
-        self.refused |= !allowed;
-        Ok(allowed)
+        if desired > MAX_MEMORY_BYTES {
+            let reason = format!(
+                "memory.grow to {desired} bytes refused: the cap is {} MiB",
+                MAX_MEMORY_BYTES >> 20
+            );
+            self.refused = Some(reason.clone());
+            wasmtime::bail!(reason);
+        }
+        Ok(true)
     }
 
-    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.refused = true;
-        Ok(())
+    /// Growth within the cap that still failed (past the module's own declared maximum, or the
+    /// operating system out of memory) is a memory failure all the same.
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        let reason = format!(
+            "memory growth failed within the {} MiB cap: {error:#}",
+            MAX_MEMORY_BYTES >> 20
+        );
+        self.refused = Some(reason.clone());
+        wasmtime::bail!(reason)
     }
 
     fn table_growing(
@@ -427,9 +445,12 @@ fn typed_func<P: WasmParams, R: WasmResults>(
         .map_err(|e| Failure::new(FailureKind::Trap, format!("{e:#}")))
 }
 
-/// Classifies an error from instantiating or calling into the module.
+/// Classifies an error from instantiating or calling into the module. A refused memory growth
+/// is the trap [`MemoryLimiter`] raised, whatever wasmtime wrapped it in.
 fn failure(store: &Store<StoreState>, error: wasmtime::Error) -> Failure {
-    let memory_refused = store.data().limiter.refused;
+    if let Some(reason) = &store.data().limiter.refused {
+        return Failure::new(FailureKind::Memory, reason.clone());
+    }
     match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => Failure::new(
             FailureKind::Deadline,
@@ -442,15 +463,7 @@ fn failure(store: &Store<StoreState>, error: wasmtime::Error) -> Failure {
                 }
             },
         ),
-        Some(trap) if memory_refused => Failure::new(
-            FailureKind::Memory,
-            format!(
-                "{trap} after memory growth beyond {} MiB was refused",
-                MAX_MEMORY_BYTES >> 20
-            ),
-        ),
         Some(trap) => Failure::new(FailureKind::Trap, trap.to_string()),
-        None if memory_refused => Failure::new(FailureKind::Memory, format!("{error:#}")),
         None => Failure::new(FailureKind::Trap, format!("{error:#}")),
     }
 }

@@ -483,31 +483,45 @@ fn an_infinite_loop_misses_the_deadline() {
 }
 
 #[test]
-fn growing_memory_stops_at_the_cap() {
-    // Grows until refused, then reports whether it ever saw more than the cap.
+fn hitting_the_memory_cap_is_a_failure_even_if_the_policy_then_allows() {
+    // Grows until refused, then answers "allow" as if nothing happened: the ABI says hitting the
+    // cap is a failure, so the verdict must not count, whatever the module answers after it.
     let allow = br#"{"verdict":"allow"}"#;
-    let reject = br#"{"verdict":"reject","code":"FORBIDDEN","message":"memory exceeded the cap"}"#;
     let validate = format!(
         r#"(block $refused
              (loop $grow
                (br_if $refused (i32.eq (memory.grow (i32.const 7)) (i32.const -1)))
                (br $grow)))
-           (if (result i64) (i32.le_u (memory.size) (i32.const {cap_pages}))
-             (then {}) (else {}))"#,
+           {}"#,
         packed(DATA_AT, allow.len() as u64),
-        packed(DATA2_AT, reject.len() as u64),
-        cap_pages = MAX_MEMORY_BYTES / 65536,
     );
-    let policy = load(&module(
-        &validate,
-        &format!("{} {}", data(DATA_AT, allow), data(DATA2_AT, reject)),
-    ));
-    assert_eq!(policy.evaluate(&sample_input()), Evaluation::Allow);
+    let bytes = module(&validate, &data(DATA_AT, allow));
+    let failure = assert_fails(&bytes, FailureKind::Memory);
+    assert!(failure.detail.contains("16 MiB"), "{failure}");
+
+    // Fail-closed by default, with the failure's kind in the details; let through only when
+    // the policy is configured `on_error: allow`.
+    let deny = engine()
+        .load("greedy", &bytes, OnError::Deny)
+        .expect("loads");
+    let Decision::Reject(rejection) = deny.evaluate(&sample_input()).decide(&deny) else {
+        panic!("a memory failure of a deny policy rejects");
+    };
+    assert_eq!((rejection.status(), rejection.code()), (403, "FORBIDDEN"));
+    assert_eq!(rejection.body()["error"]["details"]["failure"], "memory");
+    let lenient = engine()
+        .load("lenient", &bytes, OnError::Allow)
+        .expect("loads");
+    assert_eq!(
+        lenient.evaluate(&sample_input()).decide(&lenient),
+        Decision::Allow
+    );
 }
 
 #[test]
 fn running_out_of_memory_is_a_memory_failure() {
-    // An allocator that gives up the way Rust's does: grow until refused, then trap.
+    // An allocator that gives up the way Rust's does: grow until refused, then trap. The
+    // refused growth itself ends the evaluation.
     let failure = assert_fails(
         &module(
             r#"(loop $grow
@@ -522,22 +536,16 @@ fn running_out_of_memory_is_a_memory_failure() {
 
 #[test]
 fn growing_memory_forever_is_contained() {
-    // Ignores every refusal and keeps asking until the deadline.
+    // Ignores every refusal and would keep asking until the deadline: the first refusal ends it.
     let started = Instant::now();
-    let evaluation = load(&module(
-        "(loop $l (drop (memory.grow (i32.const 1))) (br $l)) (unreachable)",
-        "",
-    ))
-    .evaluate(&sample_input());
-    assert!(started.elapsed() < Duration::from_secs(1));
-    assert!(
-        matches!(
-            failure_kind(&evaluation),
-            Some(FailureKind::Deadline | FailureKind::Memory)
+    assert_fails(
+        &module(
+            "(loop $l (drop (memory.grow (i32.const 1))) (br $l)) (unreachable)",
+            "",
         ),
-        "{evaluation:?}"
+        FailureKind::Memory,
     );
-    assert_engine_still_serves();
+    assert!(started.elapsed() < Duration::from_secs(1));
 }
 
 #[test]
