@@ -1034,6 +1034,47 @@ async fn a_device_token_is_registered_refreshed_moved_and_forgotten_by_its_owner
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apns_token_is_forgotten_whatever_the_case_of_its_hex() {
+    // Apple's clients print the same token in either case; registration keeps it once, in
+    // lower case, and sign-out must find it however the app spells it.
+    let system = System::start().await;
+    let lower = "0a1b2c3d".repeat(8);
+    let upper = lower.to_ascii_uppercase();
+    for (registered, deleted) in [(&lower, &upper), (&upper, &lower), (&upper, &upper)] {
+        let (status, device) = register_device(
+            &system,
+            "alice",
+            json!({"platform": "apns", "token": registered, "appId": "com.example.App"}),
+        )
+        .await;
+        assert_eq!(status, 201, "{device}");
+        assert_eq!(device["token"], lower.as_str());
+        let path = format!("/v1/devices/{deleted}");
+        let (status, error) =
+            call(&system, reqwest::Method::DELETE, Some("alice"), &path, None).await;
+        assert_eq!(
+            status, 204,
+            "registered {registered}, deleted {deleted}: {error}"
+        );
+        assert_eq!(device_tokens(&system, "alice").await, Vec::<String>::new());
+    }
+
+    // An FCM token is opaque: its case is part of it, and another spelling is another token.
+    let fcm = "fcm:ABC-def_1";
+    let (status, _) = register_device(
+        &system,
+        "alice",
+        json!({"platform": "fcm", "token": fcm, "appId": "app"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let path = format!("/v1/devices/{}", fcm.to_ascii_lowercase());
+    let (status, _) = call(&system, reqwest::Method::DELETE, Some("alice"), &path, None).await;
+    assert_eq!(status, 404);
+    assert_eq!(device_tokens(&system, "alice").await, vec![fcm.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_keeps_the_twenty_most_recently_registered_devices() {
     let system = System::start().await;
     let fcm = |i: usize| json!({"platform": "fcm", "token": format!("device-{i}"), "appId": "a"});

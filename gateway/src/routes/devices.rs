@@ -68,8 +68,7 @@ pub async fn register(
         typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
     validate(&request)?;
     if request.platform == "apns" {
-        // Hex, which Apple's clients print in either case: one device, one row.
-        request.token.make_ascii_lowercase();
+        request.token = apns_token(&request.token);
     }
 
     let mut tx = state.pool.begin().await.map_err(db_error)?;
@@ -154,23 +153,36 @@ pub async fn list(
 
 /// `DELETE /v1/devices/{token}`: forgets one of the caller's devices (at sign-out). Someone
 /// else's token is as unknown as a made-up one.
+///
+/// The path does not say the platform, so the token is looked up as given (an FCM token is
+/// opaque, its case part of it) and, for APNS rows only, in the form registration stored.
 pub async fn remove(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let user_id = authenticate(&state, &headers)?;
-    let deleted = sqlx::query("DELETE FROM devices WHERE token = $1 AND user_id = $2")
-        .bind(&token)
-        .bind(&user_id)
-        .execute(&state.pool)
-        .await
-        .map_err(db_error)?
-        .rows_affected();
+    let deleted = sqlx::query(
+        "DELETE FROM devices
+          WHERE user_id = $2 AND (token = $1 OR (platform = 'apns' AND token = $3))",
+    )
+    .bind(&token)
+    .bind(&user_id)
+    .bind(apns_token(&token))
+    .execute(&state.pool)
+    .await
+    .map_err(db_error)?
+    .rows_affected();
     if deleted == 0 {
         return Err(Rejection::DeviceNotFound.into());
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// An APNS token as it is stored: hex, which Apple's clients print in either case, kept in
+/// lower case so that one device is one row and every spelling finds it.
+fn apns_token(token: &str) -> String {
+    token.to_ascii_lowercase()
 }
 
 /// A device as the upsert returns it, with whether the row is new.
