@@ -247,7 +247,7 @@ Try it (tokens for other users: hotpath token <user> --data-dir {dir}):
 
 Press Ctrl-C to stop.
 "#,
-        nats = config.nats_url,
+        nats = hotpath_core::config::redact_nats_url(&config.nats_url),
         apns = configured(
             config.apns_key_file.is_some()
                 || config.apns_key.is_some()

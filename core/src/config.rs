@@ -275,10 +275,11 @@ impl Config {
     }
 }
 
-/// Prints the configuration with the database password and the JWT secret hidden.
+/// Prints the configuration with the credentials in the NATS and database URLs and every
+/// secret hidden.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "nats_url={}", self.nats_url)?;
+        writeln!(f, "nats_url={}", redact_nats_url(&self.nats_url))?;
         writeln!(
             f,
             "database_url={}",
@@ -365,14 +366,34 @@ impl fmt::Display for Config {
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
 pub fn redact_url_password(url: &str) -> String {
+    redact_userinfo(url, false)
+}
+
+/// A NATS URL (or a comma-separated list of them, as async-nats accepts) fit to print:
+/// `nats://user:secret@host` → `nats://user:***@host`, and `nats://token@host` (NATS token
+/// authentication, where the lone user-info part is the secret) → `nats://***@host`.
+pub fn redact_nats_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| redact_userinfo(url, true))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Hides the password of a URL's user-info, or all of it when a lone part is itself a secret.
+fn redact_userinfo(url: &str, lone_part_is_secret: bool) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
+    // The user-info ends at the authority's last `@` (a password may hold an unescaped one);
+    // the authority ends where the path, query or fragment begins.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
         return url.to_string();
     };
     match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+        None if lone_part_is_secret => format!("{scheme}://***@{host}{path}"),
         None => url.to_string(),
     }
 }
@@ -391,6 +412,37 @@ mod tests {
             redact_url_password("postgres://u@h/db"),
             "postgres://u@h/db"
         );
+        assert_eq!(
+            redact_url_password("postgres://u:p@ss@h/db?application_name=a@b"),
+            "postgres://u:***@h/db?application_name=a@b"
+        );
+    }
+
+    #[test]
+    fn printed_nats_urls_keep_no_credentials() {
+        assert_eq!(
+            redact_nats_url("nats://app:s3cret@nats.internal:4222"),
+            "nats://app:***@nats.internal:4222"
+        );
+        // A lone user-info part is a token (NATS token authentication): all of it is secret.
+        assert_eq!(
+            redact_nats_url("nats://s3cret@nats.internal:4222"),
+            "nats://***@nats.internal:4222"
+        );
+        assert_eq!(
+            redact_nats_url("nats://a:s3cret@n1:4222,nats://s3cret@n2:4222,nats://n3:4222"),
+            "nats://a:***@n1:4222,nats://***@n2:4222,nats://n3:4222"
+        );
+        assert_eq!(
+            redact_nats_url("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+
+        let mut config = Config::from_env().unwrap();
+        config.nats_url = "nats://app:s3cret@nats.internal:4222".into();
+        let printed = config.to_string();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("nats_url=nats://app:***@nats.internal:4222"));
     }
 
     #[test]

@@ -216,16 +216,17 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         .connection_timeout(Duration::from_secs(5))
         .retry_on_initial_connect()
         .max_reconnects(None);
+    let shown = crate::config::redact_nats_url(url);
     let client = tokio::time::timeout(Duration::from_secs(10), options.connect(url))
         .await
-        .with_context(|| format!("timed out connecting to NATS at {url}"))?
-        .with_context(|| format!("connecting to NATS at {url}"))?;
+        .with_context(|| format!("timed out connecting to NATS at {shown}"))?
+        .with_context(|| format!("connecting to NATS at {shown}"))?;
     // retry_on_initial_connect returns before the first connection: wait for it, bounded.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while client.connection_state() != async_nats::connection::State::Connected {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "could not reach NATS at {url}"
+            "could not reach NATS at {shown}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -33,7 +33,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use chrono::Utc;
-use hotpath_core::config::redact_url_password;
+use hotpath_core::config::{redact_nats_url, redact_url_password};
 use hotpath_core::envelope::Envelope;
 use hotpath_core::names::MESSAGES_STREAM;
 use hotpath_core::streams::recorded_partitions;
@@ -240,7 +240,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let settings = Settings {
         gateway: targets.gateway.clone(),
-        nats_url: targets.nats_url.clone(),
+        nats_url: redact_nats_url(&targets.nats_url),
         database_url: redact_url_password(&targets.database_url),
         partitions: system.partitions,
         rate: args.rate,
