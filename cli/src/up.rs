@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hotpath_core::auth;
 use hotpath_core::config::Config;
-use hotpath_localstack::{NatsServer, Postgres, free_port};
+use hotpath_localstack::{NatsOptions, NatsServer, Postgres, free_port};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +57,10 @@ pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyh
         ports.nats,
         data_dir.join("nats").display()
     );
-    let mut nats = NatsServer::start(&data_dir.join("nats"), ports.nats).await?;
+    let nats_options = NatsOptions {
+        sync_interval: config.nats_sync.map(|sync| sync.to_string()),
+    };
+    let mut nats = NatsServer::start_with(&data_dir.join("nats"), ports.nats, nats_options).await?;
     println!(
         "starting Postgres on 127.0.0.1:{} (data in {})",
         ports.postgres,

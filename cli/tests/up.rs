@@ -27,6 +27,8 @@ impl Up {
                 "HOTPATH_POLICY_DIR",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/dist"),
             )
+            // The durable setting a careful single-node user picks; checked below.
+            .env("HOTPATH_NATS_SYNC", "always")
             .stdout(Stdio::piped())
             // The logs go next to the data, for reading when this test fails.
             .stderr(log_file(data_dir))
@@ -189,6 +191,12 @@ async fn hotpath_up_survives_ctrl_c_and_kill_9_with_its_data() {
 
     // First start: the newcomer's walkthrough.
     let up = Up::start(&data_dir, port);
+    let nats_config =
+        std::fs::read_to_string(data_dir.join("nats/nats.conf")).expect("nats-server config");
+    assert!(
+        nats_config.contains("sync_interval: \"always\""),
+        "HOTPATH_NATS_SYNC reaches nats-server: {nats_config}"
+    );
     let alice = token(&data_dir, "alice");
     let created: Value = http
         .post(format!("{}/v1/conversations", up.base))

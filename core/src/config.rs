@@ -18,6 +18,12 @@ pub struct Config {
     )]
     pub nats_url: String,
 
+    /// `hotpath up` only: how often its nats-server forces JetStream's files to disk, `always`
+    /// (every write: an acknowledged message survives an OS crash, at a cost in throughput) or
+    /// an interval such as `1s`; default: nats-server's own, two minutes.
+    #[arg(long, env = "HOTPATH_NATS_SYNC", value_parser = parse_nats_sync)]
+    pub nats_sync: Option<NatsSync>,
+
     /// Postgres URL.
     #[arg(
         long,
@@ -217,6 +223,52 @@ fn parse_backoff(text: &str) -> Result<Backoff, String> {
     Ok(Backoff(delays))
 }
 
+/// When JetStream forces its files to disk (nats-server's `sync_interval`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NatsSync {
+    /// After every write.
+    Always,
+    /// At least this often.
+    Every(Duration),
+}
+
+/// Written the way nats-server's configuration takes it: `always`, or milliseconds.
+impl fmt::Display for NatsSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsSync::Always => f.write_str("always"),
+            NatsSync::Every(interval) => write!(f, "{}ms", interval.as_millis()),
+        }
+    }
+}
+
+/// `always`, or a whole number of `ms`, `s`, `m` or `h` (more than zero).
+fn parse_nats_sync(text: &str) -> Result<NatsSync, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("always") {
+        return Ok(NatsSync::Always);
+    }
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let millis_per_unit = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(number) if number > 0 && millis_per_unit > 0 => Ok(NatsSync::Every(
+            Duration::from_millis(number.saturating_mul(millis_per_unit)),
+        )),
+        _ => Err(format!(
+            "{text:?} is neither `always` nor an interval such as 100ms, 1s, 5m or 2h"
+        )),
+    }
+}
+
 #[derive(Parser)]
 struct DefaultsOnly {
     #[command(flatten)]
@@ -280,6 +332,10 @@ impl Config {
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "nats_url={}", redact_nats_url(&self.nats_url))?;
+        match self.nats_sync {
+            Some(sync) => writeln!(f, "nats_sync={sync}")?,
+            None => writeln!(f, "nats_sync=<nats-server default>")?,
+        }
         writeln!(
             f,
             "database_url={}",
@@ -443,6 +499,27 @@ mod tests {
         let printed = config.to_string();
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("nats_url=nats://app:***@nats.internal:4222"));
+    }
+
+    #[test]
+    fn nats_sync_is_always_or_an_interval() {
+        assert_eq!(parse_nats_sync("always"), Ok(NatsSync::Always));
+        assert_eq!(
+            parse_nats_sync("250ms"),
+            Ok(NatsSync::Every(Duration::from_millis(250)))
+        );
+        assert_eq!(
+            parse_nats_sync("2m"),
+            Ok(NatsSync::Every(Duration::from_secs(120)))
+        );
+        for bad in ["", "0s", "often", "5", "1.5s", "-1s", "10d"] {
+            assert!(parse_nats_sync(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(NatsSync::Always.to_string(), "always");
+        assert_eq!(
+            NatsSync::Every(Duration::from_secs(1)).to_string(),
+            "1000ms"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ mod postgres;
 mod process;
 mod spawner;
 
-pub use nats::{NatsServer, find_nats_server, nats_server_version};
+pub use nats::{NatsOptions, NatsServer, find_nats_server, nats_server_version};
 pub use postgres::Postgres;
 
 /// A port that was free on 127.0.0.1 a moment ago (bound to port 0, then released).

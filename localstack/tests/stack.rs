@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hotpath_localstack::{NatsServer, Postgres, find_nats_server, free_port, nats_server_version};
+use hotpath_localstack::{
+    NatsOptions, NatsServer, Postgres, find_nats_server, free_port, nats_server_version,
+};
 use tokio::io::AsyncBufReadExt;
 
 const FAST_PG: &[&str] = &[
@@ -162,6 +164,68 @@ async fn nats_starts_survives_kill_and_restarts() {
     assert!(!alive(pid));
     assert!(tmp.path().join("jetstream").is_dir());
     assert_no_processes(tmp.path());
+}
+
+/// What nats-server's monitoring endpoint says of itself (`GET /varz`), polled until it answers.
+fn varz(monitor_port: u16) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = std::net::TcpStream::connect(("127.0.0.1", monitor_port)).and_then(|mut s| {
+            s.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        match answer {
+            Ok(text) if text.contains("\"jetstream\"") => return text,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            other => panic!("no /varz on port {monitor_port}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn nats_can_sync_jetstream_to_disk_on_every_write_or_at_an_interval() {
+    let bin = find_nats_server().expect("nats-server is installed");
+    for (sync, reported) in [
+        ("always", "\"sync_always\": true"),
+        ("250ms", "\"sync_interval\": 250000000,"),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let options = NatsOptions {
+            sync_interval: Some(sync.to_owned()),
+        };
+        let mut nats = NatsServer::start_with(tmp.path(), free_port().expect("port"), options)
+            .await
+            .expect("nats starts with a sync interval");
+        let config = std::fs::read_to_string(tmp.path().join("nats.conf")).expect("config");
+        assert!(
+            config.contains(&format!("sync_interval: \"{sync}\"")),
+            "{config}"
+        );
+        // A restart writes the same config again.
+        nats.restart().await.expect("restart");
+        let again = std::fs::read_to_string(tmp.path().join("nats.conf")).expect("config");
+        assert_eq!(again, config);
+
+        // The server applies it: run it once more on that config with its monitoring port open.
+        nats.stop().await.expect("stop");
+        let monitor_port = free_port().expect("port");
+        let mut server = Command::new(&bin)
+            .arg("-c")
+            .arg(tmp.path().join("nats.conf"))
+            .args(["-m", &monitor_port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        let varz = varz(monitor_port);
+        server.kill().expect("kill");
+        server.wait().expect("reap");
+        assert!(varz.contains(reported), "{sync}: {varz}");
+    }
 }
 
 #[tokio::test]
