@@ -39,7 +39,7 @@ enum Command {
     },
     /// Run the delivery consumers against the given NATS and Postgres.
     Consumers {
-        /// Where /metrics and /healthz are served.
+        /// Where /metrics, /healthz and /readyz are served.
         #[arg(long, env = "HOTPATH_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
         metrics_listen: SocketAddr,
         #[command(flatten)]
@@ -114,7 +114,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Consumers {
             metrics_listen,
             config,
-        } => run_behind_metrics("consumers", metrics_listen, config, roles::spawn_consumers).await,
+        } => {
+            let holdings = hotpath_consumers::Holdings::for_config(&config);
+            run_behind_metrics(
+                "consumers",
+                metrics_listen,
+                Some(holdings.clone()),
+                config,
+                |config, shutdown| roles::spawn_consumers_reporting(config, holdings, shutdown),
+            )
+            .await
+        }
         Command::Push {
             metrics_listen,
             config,
@@ -122,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
             run_behind_metrics(
                 "push workers",
                 metrics_listen,
+                None,
                 config,
                 |config, shutdown| roles::spawn_push(config, None, shutdown),
             )
@@ -156,10 +167,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Runs a role that serves no HTTP of its own (`consumers`, `push`) until a signal, with
-/// `/metrics` and `/healthz` on `metrics_listen`.
+/// `/metrics` and `/healthz` on `metrics_listen` (and `/readyz` from `holdings`, if given).
 async fn run_behind_metrics<Start, Started>(
     name: &str,
     metrics_listen: SocketAddr,
+    holdings: Option<hotpath_consumers::Holdings>,
     config: Config,
     start: Start,
 ) -> anyhow::Result<()>
@@ -170,7 +182,7 @@ where
     tracing::info!(config = %config, "configuration");
     roles::prepare(&config).await?;
     let shutdown = CancellationToken::new();
-    let metrics = roles::spawn_metrics_endpoint(metrics_listen, shutdown.clone()).await?;
+    let metrics = roles::spawn_metrics_endpoint(metrics_listen, holdings, shutdown.clone()).await?;
     let task = start(config, shutdown.clone()).await?;
     let outcome = roles::run_until_signal(name, task, shutdown.clone()).await;
     metrics.await??;

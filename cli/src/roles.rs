@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use hotpath_consumers::Holdings;
 use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
 use hotpath_core::policy_store::PolicyStore;
@@ -80,10 +81,21 @@ pub async fn spawn_consumers(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let holdings = Holdings::for_config(&config);
+    spawn_consumers_reporting(config, holdings, shutdown).await
+}
+
+/// Starts the delivery consumers on a task until `shutdown`, keeping `holdings` (made from
+/// the same `config`) up to date with the partition leases they hold (what `/readyz` reports).
+pub async fn spawn_consumers_reporting(
+    config: Config,
+    holdings: Holdings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     let nats = streams::connect(&config.nats_url, "hotpath-consumers").await?;
     let pool = db::connect(&config.database_url, config.db_max_connections).await?;
     Ok(tokio::spawn(async move {
-        hotpath_consumers::run(&config, nats, pool, shutdown).await
+        hotpath_consumers::run(&config, nats, pool, holdings, shutdown).await
     }))
 }
 
@@ -105,18 +117,37 @@ pub async fn spawn_push(
     }))
 }
 
-/// Serves `/metrics`, `/healthz` for a process that has no gateway (`hotpath consumers`).
+/// Serves `/metrics`, `/healthz` for a process that has no gateway (`hotpath consumers`,
+/// `hotpath push`), and `/readyz` from `holdings` when given (the consumers': 503 while the
+/// process owns nothing by configuration or is still starting; see
+/// [`hotpath_consumers::holdings`]).
 pub async fn spawn_metrics_endpoint(
     listen: SocketAddr,
+    holdings: Option<Holdings>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    use axum::http::StatusCode;
     use axum::routing::get;
-    let router = axum::Router::new()
+    let mut router = axum::Router::new()
         .route(
             "/metrics",
             get(|| async { hotpath_core::telemetry::render() }),
         )
         .route("/healthz", get(|| async { "ok" }));
+    if let Some(holdings) = holdings {
+        router = router.route(
+            "/readyz",
+            get(move || async move {
+                let readiness = holdings.readiness();
+                let status = if readiness.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, axum::Json(readiness.body))
+            }),
+        );
+    }
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding metrics to {listen}"))?;

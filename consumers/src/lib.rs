@@ -1,8 +1,10 @@
 //! The delivery consumers: the cold path that turns the `MESSAGES` stream into rows in
 //! Postgres, in order and exactly once, and then tells connected users.
 //!
-//! [`run`] starts one [`partition::PartitionWorker`] per partition this replica owns (all of
-//! them by default; replica k of n owns p where p mod n == k) and reports consumer lag.
+//! [`run`] contends for the partitions this replica is configured for (all of them by default;
+//! replica k of n owns p where p mod n == k): for each it holds a [`lease`], it runs one
+//! [`partition::PartitionWorker`]; for each another process holds, it stands by
+//! ([`holdings`] says which is which, for readiness). It also reports consumer lag.
 //! [`persist`] holds the single-statement batch insert that makes replays harmless;
 //! [`fanout`] publishes what was persisted to the recipients' socket nodes. Beside them runs
 //! one [`receipts::ReceiptsWorker`] on the shared `receipts` consumer, recording delivered/read
@@ -11,6 +13,8 @@
 mod dlq;
 pub mod fanout;
 mod fetch;
+pub mod holdings;
+pub mod lease;
 mod metrics;
 pub mod partition;
 pub mod persist;
@@ -29,15 +33,20 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use holdings::Holdings;
+use lease::{Fence, Holder, Leases};
 pub use metrics::DeliveryMetrics;
 use partition::PartitionWorker;
 
 /// Runs the delivery workers and the receipts worker until `shutdown` is cancelled and every worker has settled or
-/// handed back its batch.
+/// handed back its batch (and released its partition's lease). `holdings` (made with
+/// [`Holdings::for_config`] from the same `config`) is kept up to date with what this process
+/// holds.
 pub async fn run(
     config: &Config,
     nats: async_nats::Client,
     pool: PgPool,
+    holdings: Holdings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats.clone());
@@ -54,42 +63,18 @@ pub async fn run(
         tokio::spawn(async move { push.listen_for_device_changes(shutdown).await });
     }
     let partitions = config.owned_partitions();
+    if let Some(problem) = config.owns_nothing_because() {
+        tracing::error!(
+            replica = config.consumer_replica,
+            replicas = config.consumer_replicas,
+            partitions = config.partitions,
+            problem = problem.as_str(),
+            "this consumer process owns no partitions: it persists nothing and reports not ready \
+             (only receipts are recorded); fix HOTPATH_CONSUMER_REPLICA / _REPLICAS"
+        );
+    }
     let shared_config = std::sync::Arc::new(config.clone());
     let mut workers = JoinSet::new();
-    for &partition in &partitions {
-        let (js, pool, config, metrics, shutdown) = (
-            js.clone(),
-            pool.clone(),
-            shared_config.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        let fanout = fanout::spawn(partition, nats.clone(), presence.clone(), metrics.clone());
-        let push = push.clone();
-        workers.spawn(async move {
-            // Creating the consumer needs NATS: keep trying (NATS may be restarting) rather
-            // than leave this partition without a worker.
-            let Some(consumer) = consumer_with_retry(&js, partition, &config, &shutdown).await
-            else {
-                return;
-            };
-            let worker = PartitionWorker {
-                partition,
-                consumer,
-                pool,
-                js,
-                batch_size: config.batch_size.max(1),
-                poison_max_deliver: config.poison_max_deliver.max(1),
-                max_retry_delay: (config.ack_wait() / 3)
-                    .clamp(Duration::from_millis(100), Duration::from_secs(5)),
-                config,
-                metrics,
-                fanout,
-                push,
-            };
-            worker.run(shutdown).await;
-        });
-    }
     {
         let (js, nats, pool, config, metrics, shutdown) = (
             js.clone(),
@@ -128,25 +113,128 @@ pub async fn run(
             worker.run(shutdown).await;
         });
     }
+    if !partitions.is_empty() {
+        let Some(leases) = leases_with_retry(&js, config, &shutdown).await else {
+            return drain(workers).await;
+        };
+        for &partition in &partitions {
+            let worker = PartitionWork {
+                partition,
+                js: js.clone(),
+                pool: pool.clone(),
+                config: shared_config.clone(),
+                metrics: metrics.clone(),
+                fanout: fanout::spawn(partition, nats.clone(), presence.clone(), metrics.clone()),
+                push: push.clone(),
+            };
+            workers.spawn(lease::keep(
+                partition,
+                leases.clone(),
+                holdings.clone(),
+                shutdown.clone(),
+                move |fence| worker.clone().run(fence),
+            ));
+        }
+    }
     tracing::info!(partitions = ?partitions, "delivery and receipts consumers running");
 
     let lag = tokio::spawn(report_lag(js, partitions, metrics, shutdown.clone()));
+    let drained = drain(workers).await;
+    lag.abort();
+    drained
+}
+
+/// Waits for every worker to stop.
+async fn drain(mut workers: JoinSet<()>) -> anyhow::Result<()> {
     while let Some(joined) = workers.join_next().await {
         joined.context("a partition worker panicked")?;
     }
-    lag.abort();
     Ok(())
 }
 
-/// The partition's durable consumer, created or updated; `None` only on shutdown.
+/// The `PARTITION_LEASES` bucket, opened (NATS may be restarting: keep trying); `None` only on
+/// shutdown.
+async fn leases_with_retry(
+    js: &jetstream::Context,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Option<Leases> {
+    let holder = Holder::of_this_process();
+    tracing::info!(
+        host = holder.host.as_str(),
+        pid = holder.pid,
+        id = holder.id.as_str(),
+        "partition lease holder identity"
+    );
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match Leases::open(js, config.lease_ttl(), holder.clone()).await {
+            Ok(leases) => return Some(leases),
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot open the partition leases bucket; retrying"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// What a partition worker is made of, kept to build a fresh worker each time this process
+/// takes the partition's lease.
+#[derive(Clone)]
+struct PartitionWork {
+    partition: u32,
+    js: jetstream::Context,
+    pool: PgPool,
+    config: std::sync::Arc<Config>,
+    metrics: DeliveryMetrics,
+    fanout: fanout::FanoutQueue,
+    push: push::schedule::PushScheduler,
+}
+
+impl PartitionWork {
+    /// Sets up the durable consumer and processes the partition until the lease is gone.
+    async fn run(self, fence: Fence) {
+        let Some(consumer) =
+            consumer_with_retry(&self.js, self.partition, &self.config, &fence).await
+        else {
+            return;
+        };
+        let config = self.config;
+        let worker = PartitionWorker {
+            partition: self.partition,
+            consumer,
+            pool: self.pool,
+            js: self.js,
+            batch_size: config.batch_size.max(1),
+            poison_max_deliver: config.poison_max_deliver.max(1),
+            max_retry_delay: (config.ack_wait() / 3)
+                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            config,
+            metrics: self.metrics,
+            fanout: self.fanout,
+            push: self.push,
+            fence: fence.clone(),
+        };
+        worker.run(fence.token()).await;
+    }
+}
+
+/// The partition's durable consumer, created or updated; `None` once the lease is gone.
 async fn consumer_with_retry(
     js: &jetstream::Context,
     partition: u32,
     config: &Config,
-    shutdown: &CancellationToken,
+    fence: &Fence,
 ) -> Option<async_nats::jetstream::consumer::PullConsumer> {
+    let shutdown = fence.token();
     let mut delay = Duration::from_millis(100);
     loop {
+        fence.check().ok()?;
         match ensure_delivery_consumer(js, partition, config).await {
             Ok(consumer) => return Some(consumer),
             Err(error) => tracing::warn!(

@@ -13,6 +13,12 @@
 //! rewinds the consumer to just after its ack floor and reads on from there in stream order.
 //! What was already stored comes back as a duplicate and is only acknowledged.
 //!
+//! A worker runs only while its process holds the partition's lease (see [`crate::lease`]),
+//! and checks the lease's fence before each fetch and before a rewind, the two things that
+//! touch the durable consumer. A worker that has just taken the lease always rewinds: a pull
+//! request of the previous holder may still be waiting at the server and would take messages
+//! nobody processes, and recreating the consumer drops it.
+//!
 //! Failures come in two kinds and are treated very differently:
 //! * **transient** (Postgres down, timeouts): the batch stays in hand and is retried with
 //!   backoff, while JetStream is told the messages are still being worked on
@@ -42,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dlq::{self, DeadLetter};
 use crate::fanout::{FanoutQueue, Persisted};
 use crate::fetch;
+use crate::lease::Fence;
 use crate::metrics::DeliveryMetrics;
 use crate::persist::{self, Row};
 use crate::push::schedule::PushScheduler;
@@ -62,6 +69,8 @@ pub struct PartitionWorker {
     pub fanout: FanoutQueue,
     /// Schedules pushes to offline recipients' devices before a batch is acknowledged.
     pub push: PushScheduler,
+    /// The partition's lease: checked before the consumer is touched.
+    pub fence: Fence,
 }
 
 /// A fetched message whose envelope could be read.
@@ -92,12 +101,14 @@ impl PartitionWorker {
     /// Runs until `shutdown` is cancelled; a batch in hand is settled or handed back first.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut delay = Duration::from_millis(100);
-        // A new worker may follow one that died with messages in hand.
+        // A new worker may follow one that died with messages in hand, or whose pull request
+        // is still waiting at the server.
         let mut resync = true;
+        let mut taken_over = true;
         while !shutdown.is_cancelled() {
             if resync {
-                match self.resync().await {
-                    Ok(()) => resync = false,
+                match self.resync(taken_over).await {
+                    Ok(()) => (resync, taken_over) = (false, false),
                     Err(error) => {
                         tracing::warn!(partition = self.partition, %error, "cannot check the consumer; retrying");
                         if !pause(&mut delay, &shutdown).await {
@@ -106,6 +117,10 @@ impl PartitionWorker {
                         continue;
                     }
                 }
+            }
+            if let Err(lost) = self.fence.check() {
+                tracing::warn!(partition = self.partition, %lost, "not fetching");
+                break;
             }
             let fetched = tokio::select! {
                 fetched = fetch::next_batch(&self.consumer, self.batch_size) => fetched,
@@ -130,23 +145,33 @@ impl PartitionWorker {
         tracing::info!(partition = self.partition, "partition worker stopped");
     }
 
-    /// If messages are delivered but unacknowledged while this worker holds none, rewinds the
-    /// consumer to just after its ack floor so they come back first and in order.
-    async fn resync(&mut self) -> anyhow::Result<()> {
+    /// If messages are delivered but unacknowledged while this worker holds none, or the
+    /// worker has just `taken_over` the lease, rewinds the consumer to just after its ack floor
+    /// so they come back first and in order.
+    async fn resync(&mut self, taken_over: bool) -> anyhow::Result<()> {
         let stream = self.js.get_stream(MESSAGES_STREAM).await?;
         let info = stream
             .consumer_info(delivery_consumer(self.partition))
             .await?;
-        if info.num_ack_pending == 0 {
+        if info.num_ack_pending == 0 && !taken_over {
             return Ok(());
         }
+        self.fence.check()?;
         let floor = info.ack_floor.stream_sequence;
-        tracing::warn!(
-            partition = self.partition,
-            unacknowledged = info.num_ack_pending,
-            ack_floor = floor,
-            "messages were left in hand; replaying from the ack floor to keep stream order"
-        );
+        if info.num_ack_pending > 0 {
+            tracing::warn!(
+                partition = self.partition,
+                unacknowledged = info.num_ack_pending,
+                ack_floor = floor,
+                "messages were left in hand; replaying from the ack floor to keep stream order"
+            );
+        } else {
+            tracing::info!(
+                partition = self.partition,
+                ack_floor = floor,
+                "new lease holder: recreating the consumer from its ack floor"
+            );
+        }
         self.consumer =
             rewind_delivery_consumer(&self.js, self.partition, &self.config, floor).await?;
         Ok(())

@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_CONSUMER_REPLICAS", default_value_t = 1)]
     pub consumer_replicas: u32,
 
+    /// How long a partition lease outlives its holder's last renewal (the `PARTITION_LEASES`
+    /// bucket's max age). Holders renew every third of it; a standby takes over a dead
+    /// holder's partitions within about this time.
+    #[arg(long, env = "HOTPATH_LEASE_TTL_SECS", default_value_t = 10)]
+    pub lease_ttl_secs: u64,
+
     /// Frames waiting to be written to one WebSocket. A client that falls this far behind is
     /// disconnected (close code 1008) rather than allowed to grow the gateway's memory.
     #[arg(long, env = "HOTPATH_WS_OUTBOUND_QUEUE", default_value_t = 1024)]
@@ -318,12 +324,41 @@ impl Config {
         Duration::from_secs(self.push_ttl_secs)
     }
 
+    pub fn lease_ttl(&self) -> Duration {
+        // Below 1 s the renewals (every third) would come faster than NATS answers under load.
+        Duration::from_secs(self.lease_ttl_secs.max(1))
+    }
+
     /// The partitions this consumer replica owns.
     pub fn owned_partitions(&self) -> Vec<u32> {
         let replicas = self.consumer_replicas.max(1);
         (0..self.partitions)
             .filter(|p| p % replicas == self.consumer_replica)
             .collect()
+    }
+
+    /// Why this consumer replica owns no partition, if it owns none: always a configuration
+    /// mistake (its share of the stream would have no consumer).
+    pub fn owns_nothing_because(&self) -> Option<String> {
+        let replicas = self.consumer_replicas.max(1);
+        if self.partitions == 0 {
+            Some("HOTPATH_PARTITIONS is 0".to_string())
+        } else if self.consumer_replica >= replicas {
+            Some(format!(
+                "HOTPATH_CONSUMER_REPLICA={} is not below HOTPATH_CONSUMER_REPLICAS={}: replica \
+                 indexes run from 0 to {}",
+                self.consumer_replica,
+                self.consumer_replicas,
+                replicas - 1
+            ))
+        } else if self.owned_partitions().is_empty() {
+            Some(format!(
+                "replica {} of {} is left no partition of {}",
+                self.consumer_replica, replicas, self.partitions
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -414,8 +449,8 @@ impl fmt::Display for Config {
         )?;
         write!(
             f,
-            "consumer_replica={}/{}",
-            self.consumer_replica, self.consumer_replicas
+            "consumer_replica={}/{} lease_ttl_secs={}",
+            self.consumer_replica, self.consumer_replicas, self.lease_ttl_secs
         )
     }
 }
@@ -557,5 +592,13 @@ mod tests {
         let mut sorted = all.clone();
         sorted.sort();
         assert_eq!(sorted, (0..16).collect::<Vec<_>>());
+        assert_eq!(config.owns_nothing_because(), None);
+        config.consumer_replica = 3;
+        assert!(config.owned_partitions().is_empty());
+        let why = config.owns_nothing_because().expect("misconfigured");
+        assert!(why.contains("HOTPATH_CONSUMER_REPLICA=3"), "{why}");
+        config.consumer_replica = 0;
+        config.partitions = 0;
+        assert!(config.owns_nothing_because().is_some());
     }
 }

@@ -30,6 +30,9 @@ pub const DEVICES_CHANGED_SUBJECT: &str = "hotpath.devices.changed";
 /// KV bucket saying which socket nodes hold a user's open WebSockets (see
 /// [`crate::presence`]).
 pub const PRESENCE_BUCKET: &str = "PRESENCE";
+/// KV bucket of partition leases: one key per partition ([`partition_lease_key`]) whose value
+/// names the consumer process that holds it; the bucket's max age is the lease TTL.
+pub const PARTITION_LEASES_BUCKET: &str = "PARTITION_LEASES";
 
 /// Subject a message of `partition` is published to.
 pub fn message_subject(partition: u32) -> String {
@@ -49,6 +52,11 @@ pub fn receipt_msg_id(message_id: &str, user_id: &str, state: &str) -> String {
 /// Durable pull consumer that persists `partition`.
 pub fn delivery_consumer(partition: u32) -> String {
     format!("delivery-{partition}")
+}
+
+/// The key of `partition`'s lease in [`PARTITION_LEASES_BUCKET`].
+pub fn partition_lease_key(partition: u32) -> String {
+    format!("partition-{partition}")
 }
 
 /// Subject of push tasks for devices of `platform` (`apns`, `fcm`).
