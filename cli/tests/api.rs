@@ -1170,3 +1170,151 @@ async fn push_previews_are_set_at_creation_or_later_by_members_only() {
     }
     assert!(!stored_push_preview(&system, conversation).await);
 }
+
+/// `POST /v1/conversations/{id}/members` as `user`, adding `member`: (status, body).
+async fn add_member(system: &System, user: &str, conversation: Uuid, member: &str) -> (u16, Value) {
+    let response = system
+        .post(
+            user,
+            &format!("/v1/conversations/{conversation}/members"),
+            json!({"userId": member}),
+        )
+        .await;
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `DELETE /v1/conversations/{id}/members/{member}` as `user`: the status.
+async fn remove_member(system: &System, user: &str, conversation: Uuid, member: &str) -> u16 {
+    let path = format!("/v1/conversations/{conversation}/members/{member}");
+    system.delete(user, &path).await.status().as_u16()
+}
+
+async fn active_members(system: &System, conversation: Uuid) -> i64 {
+    let (count,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM conversation_members WHERE conversation_id = $1 AND is_active",
+    )
+    .bind(conversation)
+    .fetch_one(&system.pool)
+    .await
+    .expect("count");
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_holds_at_most_max_members_when_created_and_when_members_are_added() {
+    let system = System::start_with(|config| config.max_members = 4).await;
+
+    // One too many at creation (the creator counts).
+    let response = system
+        .post(
+            "alice",
+            "/v1/conversations",
+            json!({"type": "group", "members": ["bob", "carol", "dave", "erin"]}),
+        )
+        .await;
+    assert_eq!(response.status(), 409);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "CONVERSATION_FULL", "{body}");
+    assert_eq!(body["error"]["details"], json!({"maxMembers": 4}));
+
+    // Added one by one, the fifth is refused; a member already in or a left place is not.
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    for member in ["carol", "dave"] {
+        assert_eq!(
+            add_member(&system, "alice", conversation, member).await.0,
+            200
+        );
+    }
+    let (status, body) = add_member(&system, "bob", conversation, "erin").await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        body["error"],
+        json!({"code": "CONVERSATION_FULL", "message": "a conversation has at most 4 members",
+               "details": {"maxMembers": 4, "conversationId": conversation}})
+    );
+    assert_eq!(
+        add_member(&system, "alice", conversation, "dave").await.0,
+        200
+    );
+    assert_eq!(
+        remove_member(&system, "alice", conversation, "dave").await,
+        200
+    );
+    assert_eq!(
+        add_member(&system, "alice", conversation, "erin").await.0,
+        200
+    );
+    assert_eq!(active_members(&system, conversation).await, 4);
+
+    // Adds racing for the last two places: two get them.
+    for member in ["carol", "erin"] {
+        assert_eq!(
+            remove_member(&system, "alice", conversation, member).await,
+            200
+        );
+    }
+    let racers = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    let statuses = futures::future::join_all(
+        racers
+            .iter()
+            .map(|member| add_member(&system, "alice", conversation, member)),
+    )
+    .await;
+    let mut statuses: Vec<u16> = statuses.into_iter().map(|(status, _)| status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 409, 409, 409, 409]);
+    assert_eq!(active_members(&system, conversation).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_past_the_users_rate_get_429_with_retry_after() {
+    let system = System::start_with(|config| config.membership_rate_per_min = 3).await;
+
+    // Create, add, remove: three changes, all taken.
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    assert_eq!(
+        add_member(&system, "alice", conversation, "carol").await.0,
+        200
+    );
+    let path = format!("/v1/conversations/{conversation}/members/carol");
+    assert_eq!(system.delete("alice", &path).await.status(), 200);
+
+    // The fourth of any kind waits.
+    let refused = [
+        system
+            .post(
+                "alice",
+                &format!("/v1/conversations/{conversation}/members"),
+                json!({"userId": "dave"}),
+            )
+            .await,
+        system.delete("alice", &path).await,
+        system
+            .post(
+                "alice",
+                "/v1/conversations",
+                json!({"type": "group", "members": ["dave"]}),
+            )
+            .await,
+    ];
+    for response in refused {
+        assert_eq!(response.status(), 429);
+        let retry_after: u64 = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After");
+        assert!(retry_after >= 1);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "RATE_LIMIT_EXCEEDED", "{body}");
+    }
+    assert_eq!(active_members(&system, conversation).await, 2);
+
+    // Another member is not held up by alice's changes.
+    assert_eq!(
+        add_member(&system, "bob", conversation, "dave").await.0,
+        200
+    );
+}

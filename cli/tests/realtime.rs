@@ -1235,3 +1235,251 @@ async fn an_early_receipt_is_recorded_once_its_message_is_persisted_and_strays_a
     );
     assert_eq!(state_changes(&mut alice, 0, QUIET).await, []);
 }
+
+/// A token for `user` that expires `secs` seconds from now.
+fn expiring_token(user: &str, secs: u64) -> String {
+    hotpath_core::auth::mint_hs256_token(support::SECRET.as_bytes(), user, secs).expect("token")
+}
+
+/// The next frame that is not the gateway's `token.expiring` notice.
+async fn next_besides_notice(socket: &mut Socket) -> Value {
+    loop {
+        let frame = next_frame(socket).await;
+        if frame["type"] != "token.expiring" {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_is_closed_with_4001_when_its_token_expires_unless_its_user_refreshes_it() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    // Three of bob's sockets opened with one token, so they expire at the same second.
+    let token = expiring_token("bob", 3);
+    let mut lapsing = support::ws::open(&system.base, &token).await;
+    let mut refreshed = support::ws::open(&system.base, &token).await;
+    let mut refused = support::ws::open(&system.base, &token).await;
+
+    // A refresh with bob's new token moves the socket's end; with anyone else's or a bad
+    // one, nothing changes.
+    send_frame(
+        &mut refreshed,
+        json!({"type": "refresh", "reqId": "r1", "token": system.token("bob")}),
+    )
+    .await;
+    let answer = next_besides_notice(&mut refreshed).await;
+    assert_eq!(answer["type"], "refreshed", "{answer}");
+    assert_eq!(answer["reqId"], "r1");
+    let expires_at = chrono::DateTime::parse_from_rfc3339(answer["expiresAt"].as_str().unwrap())
+        .expect("expiresAt is a time");
+    assert!(expires_at > chrono::Utc::now() + chrono::Duration::minutes(59));
+    for (token, code) in [
+        (system.token("alice"), "FORBIDDEN"),
+        ("not a token".to_string(), "UNAUTHORIZED"),
+    ] {
+        send_frame(
+            &mut refused,
+            json!({"type": "refresh", "reqId": code, "token": token}),
+        )
+        .await;
+        let answer = next_besides_notice(&mut refused).await;
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_eq!(answer["reqId"], code);
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+    }
+
+    // The client is told before the end, then the socket is closed with 4001.
+    let (frames, code) = support::ws::read_until_closed(&mut lapsing).await;
+    assert_eq!(code, Some(4001), "{frames:?}");
+    assert_eq!(
+        frames.first().map(|f| f["type"].clone()),
+        Some(json!("token.expiring")),
+        "{frames:?}"
+    );
+    assert!(frames[0]["expiresAt"].is_string(), "{frames:?}");
+    let (_, code) = support::ws::read_until_closed(&mut refused).await;
+    assert_eq!(code, Some(4001));
+
+    // Past the first expiry, the refreshed socket still works and receives.
+    let (status, ack) = system
+        .send("alice", text(conversation, "still there?"))
+        .await;
+    assert_eq!(status, 202, "{ack}");
+    let new = next_of(&mut refreshed, "message.new").await;
+    assert_eq!(new["message"]["content"], "still there?");
+    ping(&mut refreshed).await;
+    assert!(
+        has_metric(
+            &system.metrics().await,
+            "websocket_connections_closed_total",
+            "reason=\"token_expired\""
+        ),
+        "expiries are counted"
+    );
+}
+
+/// How many messages `RECEIPTS` has ever stored (what work-queue retention may already have
+/// removed included).
+async fn receipts_stored(js: &jetstream::Context) -> u64 {
+    let mut stream = js
+        .get_stream(hotpath_core::names::RECEIPTS_STREAM)
+        .await
+        .expect("RECEIPTS");
+    stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence
+}
+
+/// The next frame that answers one of the client's, live `message.new` frames skipped.
+async fn next_answer(socket: &mut Socket) -> Value {
+    loop {
+        let frame = next_frame(socket).await;
+        if frame["type"] != "message.new" {
+            return frame;
+        }
+    }
+}
+
+/// Alice sends `count` messages to bob in a direct conversation; returns their ids once
+/// they are persisted (bob, connecting after, may still get some of them live).
+async fn persisted_for_bob(system: &System, count: usize) -> Vec<String> {
+    let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    let ids = send_many(system, "alice", conversation, 1, count).await;
+    assert_eq!(
+        system.wait_for_messages(count as i64, PATIENCE).await,
+        count as i64
+    );
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeating_an_ack_a_thousand_times_puts_one_receipt_in_the_stream() {
+    let system = System::start().await;
+    let message = persisted_for_bob(&system, 1).await.remove(0);
+    // As if every repeat came after the stream's duplicate window, which alone would
+    // collapse repeats only within two minutes.
+    let js = system.jetstream().await;
+    let mut config = js
+        .get_stream(hotpath_core::names::RECEIPTS_STREAM)
+        .await
+        .expect("RECEIPTS")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
+    config.duplicate_window = Duration::from_millis(100);
+    js.update_stream(config).await.expect("window shortened");
+    let mut bob = connect(&system, &system.base, "bob").await;
+    let before = receipts_stored(&js).await;
+
+    // One read, then delivered (which read implies) and read again, a thousand acks in all.
+    for i in 0..1000 {
+        let state = if i % 2 == 0 { "read" } else { "delivered" };
+        send_frame(
+            &mut bob,
+            json!({"type": "ack", "reqId": i.to_string(), "messageId": message, "state": state}),
+        )
+        .await;
+    }
+    for i in 0..1000 {
+        let answer = next_answer(&mut bob).await;
+        assert_eq!(answer, json!({"type": "ack.ok", "reqId": i.to_string()}));
+    }
+
+    assert_eq!(receipts_stored(&js).await - before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_past_the_users_rate_are_refused_and_never_reach_the_stream() {
+    let system = System::start_with(|config| {
+        config.ack_rate_per_user = 1;
+        config.ack_rate_burst = 10;
+    })
+    .await;
+    let messages = persisted_for_bob(&system, 40).await;
+    let js = system.jetstream().await;
+    let mut bob = connect(&system, &system.base, "bob").await;
+    let before = receipts_stored(&js).await;
+
+    for (i, message) in messages.iter().enumerate() {
+        send_frame(
+            &mut bob,
+            json!({"type": "ack", "reqId": i.to_string(), "messageId": message, "state": "delivered"}),
+        )
+        .await;
+    }
+    let (mut taken, mut refused) = (0u64, 0u64);
+    for i in 0..messages.len() {
+        let answer = next_answer(&mut bob).await;
+        assert_eq!(answer["reqId"], i.to_string(), "{answer}");
+        match answer["type"].as_str() {
+            Some("ack.ok") => taken += 1,
+            Some("error") => {
+                assert_eq!(answer["error"]["code"], "RATE_LIMIT_EXCEEDED", "{answer}");
+                let wait = answer["error"]["details"]["retryAfterSeconds"].as_u64();
+                assert!(wait.is_some_and(|secs| secs >= 1), "{answer}");
+                refused += 1;
+            }
+            _ => panic!("unexpected {answer}"),
+        }
+    }
+
+    assert!(taken >= 10, "the burst is taken: {taken}");
+    assert!(refused > 0, "a flood of 40 acks was taken whole");
+    assert_eq!(receipts_stored(&js).await - before, taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sync_while_one_runs_is_refused_and_the_first_completes() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    send_many(&system, "alice", conversation, 1, 210).await;
+    assert_eq!(system.wait_for_messages(210, PATIENCE).await, 210);
+    let mut bob = connect(&system, &system.base, "bob").await;
+
+    // Holding the messages table keeps the first sync running for as long as the test likes.
+    let mut lock = system.pool.begin().await.expect("transaction");
+    sqlx::query("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    for (req_id, after_seq) in [("s1", 0), ("s2", 5)] {
+        send_frame(
+            &mut bob,
+            json!({"type": "sync", "reqId": req_id, "conversationId": conversation, "afterSeq": after_seq}),
+        )
+        .await;
+    }
+    let refused = next_frame(&mut bob).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["reqId"], "s2");
+    assert_eq!(refused["error"]["code"], "SYNC_IN_PROGRESS", "{refused}");
+    lock.rollback().await.expect("unlocked");
+
+    for seq in 1..=210 {
+        assert_eq!(
+            seq_and_content(&next_frame(&mut bob).await),
+            (seq, format!("m-{seq}"))
+        );
+    }
+    assert_eq!(
+        next_frame(&mut bob).await,
+        json!({"type": "sync.done", "reqId": "s1", "conversationId": conversation, "lastSeq": 210})
+    );
+    // Once one has ended, the next is taken.
+    send_frame(
+        &mut bob,
+        json!({"type": "sync", "reqId": "s3", "conversationId": conversation, "afterSeq": 209}),
+    )
+    .await;
+    assert_eq!(
+        seq_and_content(&next_frame(&mut bob).await),
+        (210, "m-210".into())
+    );
+    assert_eq!(next_frame(&mut bob).await["type"], "sync.done");
+}

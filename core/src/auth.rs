@@ -63,6 +63,12 @@ impl TokenVerifier {
 
     /// The user id of a valid `Authorization` header value.
     pub fn verify_header(&self, header: Option<&str>) -> Result<String, Rejection> {
+        self.verify_bearer(header).map(|verified| verified.user_id)
+    }
+
+    /// A valid `Authorization` header value's user id and expiry: what a WebSocket, which
+    /// outlives the request that opened it, needs to know when to close.
+    pub fn verify_bearer(&self, header: Option<&str>) -> Result<Verified, Rejection> {
         let unauthorized = |reason: &str| Rejection::Unauthorized {
             reason: reason.to_string(),
         };
@@ -76,8 +82,18 @@ impl TokenVerifier {
         if !is_valid_user_id(&data.claims.sub) {
             return Err(unauthorized("token subject is not a valid user id"));
         }
-        Ok(data.claims.sub)
+        Ok(Verified {
+            user_id: data.claims.sub,
+            expires_at: data.claims.exp,
+        })
     }
+}
+
+/// What a valid token says: whose it is, and until when (its `exp`, Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub user_id: String,
+    pub expires_at: u64,
 }
 
 /// The HS256 secret from the configuration: the value, else the file's contents.
@@ -142,6 +158,17 @@ mod tests {
                 .unwrap(),
             "alice"
         );
+    }
+
+    #[test]
+    fn a_verified_token_names_its_expiry() {
+        let token = mint_hs256_token(b"secret", "alice", 60).unwrap();
+        let verified = TokenVerifier::hs256(b"secret")
+            .verify_bearer(Some(&format!("Bearer {token}")))
+            .unwrap();
+        let now = jsonwebtoken::get_current_timestamp();
+        assert_eq!(verified.user_id, "alice");
+        assert!((now + 59..=now + 60).contains(&verified.expires_at));
     }
 
     #[test]

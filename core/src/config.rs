@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser};
 
+/// The default member cap: the recipient limit of the shipped `schema` policy, so a
+/// conversation never has more recipients than a message may name.
+pub const DEFAULT_MAX_MEMBERS: usize = 1000;
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// NATS server URL.
@@ -59,6 +63,24 @@ pub struct Config {
     /// Burst of messages a user may send at once.
     #[arg(long, env = "HOTPATH_RATE_BURST", default_value_t = 100)]
     pub rate_burst: u32,
+
+    /// Sustained `ack` frames (receipts) per second per user; 0 turns their limit off.
+    #[arg(long, env = "HOTPATH_ACK_RATE_PER_USER", default_value_t = 100)]
+    pub ack_rate_per_user: u32,
+
+    /// Burst of `ack` frames a user may send at once (a device catching up acks a page).
+    #[arg(long, env = "HOTPATH_ACK_RATE_BURST", default_value_t = 1000)]
+    pub ack_rate_burst: u32,
+
+    /// Most active members a conversation may have, the creator included (409
+    /// `CONVERSATION_FULL` beyond it, at creation and when adding).
+    #[arg(long, env = "HOTPATH_MAX_MEMBERS", default_value_t = DEFAULT_MAX_MEMBERS)]
+    pub max_members: usize,
+
+    /// Membership changes (creating a conversation, adding or removing a member) per minute
+    /// per user; 0 turns their limit off.
+    #[arg(long, env = "HOTPATH_MEMBERSHIP_RATE_PER_MIN", default_value_t = 60)]
+    pub membership_rate_per_min: u32,
 
     /// Largest request body accepted, in bytes (413 above it).
     #[arg(long, env = "HOTPATH_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
@@ -126,6 +148,11 @@ pub struct Config {
     /// closed as dead.
     #[arg(long, env = "HOTPATH_WS_HEARTBEAT_TIMEOUT_SECS", default_value_t = 60)]
     pub ws_heartbeat_timeout_secs: u64,
+
+    /// Seconds before a WebSocket's token expires at which the gateway sends `token.expiring`,
+    /// the client's cue to send a `refresh` frame; at the expiry the socket is closed (4001).
+    #[arg(long, env = "HOTPATH_WS_EXPIRY_NOTICE_SECS", default_value_t = 30)]
+    pub ws_expiry_notice_secs: u64,
 
     /// How long a socket node's presence entry outlives its last refresh (the `PRESENCE`
     /// bucket's max age); nodes refresh every third of it, so a dead node's entries vanish
@@ -307,6 +334,10 @@ impl Config {
         Duration::from_secs(self.ws_heartbeat_timeout_secs.max(1))
     }
 
+    pub fn ws_expiry_notice(&self) -> Duration {
+        Duration::from_secs(self.ws_expiry_notice_secs)
+    }
+
     pub fn presence_ttl(&self) -> Duration {
         // Below 3 s the refresh (every third) would be sub-second: not worth the traffic.
         Duration::from_secs(self.presence_ttl_secs.max(3))
@@ -391,6 +422,16 @@ impl fmt::Display for Config {
             "rate_per_user={} rate_burst={}",
             self.rate_per_user, self.rate_burst
         )?;
+        writeln!(
+            f,
+            "ack_rate_per_user={} ack_rate_burst={}",
+            self.ack_rate_per_user, self.ack_rate_burst
+        )?;
+        writeln!(
+            f,
+            "max_members={} membership_rate_per_min={}",
+            self.max_members, self.membership_rate_per_min
+        )?;
         writeln!(f, "max_body_bytes={}", self.max_body_bytes)?;
         writeln!(f, "max_in_flight_sends={}", self.max_in_flight_sends)?;
         writeln!(f, "publish_timeout_ms={}", self.publish_timeout_ms)?;
@@ -404,8 +445,12 @@ impl fmt::Display for Config {
         writeln!(f, "policy_dir={}", self.policy_dir.display())?;
         writeln!(
             f,
-            "ws_outbound_queue={} ws_ping_interval_secs={} ws_heartbeat_timeout_secs={}",
-            self.ws_outbound_queue, self.ws_ping_interval_secs, self.ws_heartbeat_timeout_secs
+            "ws_outbound_queue={} ws_ping_interval_secs={} ws_heartbeat_timeout_secs={} \
+             ws_expiry_notice_secs={}",
+            self.ws_outbound_queue,
+            self.ws_ping_interval_secs,
+            self.ws_heartbeat_timeout_secs,
+            self.ws_expiry_notice_secs
         )?;
         writeln!(f, "presence_ttl_secs={}", self.presence_ttl_secs)?;
         let delays: Vec<String> = self
@@ -575,6 +620,13 @@ mod tests {
         let printed = config.to_string();
         assert!(!printed.contains("very-secret"), "{printed}");
         assert!(printed.contains("fcm_credentials=<set>"));
+    }
+
+    #[test]
+    fn the_member_cap_defaults_to_the_recipient_limit() {
+        let config = Config::from_env().unwrap();
+        assert_eq!(config.max_members, 1000);
+        assert_eq!(config.max_members, DEFAULT_MAX_MEMBERS);
     }
 
     #[test]

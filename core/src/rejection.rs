@@ -52,6 +52,17 @@ pub enum Rejection {
          send a new message with a new clientMessageId"
     )]
     IdempotencyKeyReused { original_message_id: Uuid },
+    /// The conversation would have more active members than the gateway allows.
+    #[error("a conversation has at most {max_members} members")]
+    ConversationFull {
+        max_members: usize,
+        /// The conversation being added to; none when it is being created.
+        conversation_id: Option<String>,
+    },
+    /// A `sync` frame arrived while the socket's previous one was still running: a socket
+    /// catches up one conversation at a time.
+    #[error("a sync is already running on this socket; send the next after its sync.done")]
+    SyncInProgress,
     #[error("message not found: {message_id}")]
     MessageNotFound { message_id: String },
     /// The caller has no device with that push token. The token itself is never echoed: it is
@@ -109,7 +120,9 @@ impl Rejection {
             | Rejection::RouteNotFound => 404,
             Rejection::ConversationInactive { .. }
             | Rejection::UserBlocked { .. }
-            | Rejection::IdempotencyKeyReused { .. } => 409,
+            | Rejection::IdempotencyKeyReused { .. }
+            | Rejection::ConversationFull { .. }
+            | Rejection::SyncInProgress => 409,
             Rejection::PayloadTooLarge { .. } => 413,
             Rejection::RateLimitExceeded { .. } => 429,
             Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => 500,
@@ -132,6 +145,8 @@ impl Rejection {
             Rejection::ConversationInactive { .. } => "CONVERSATION_INACTIVE",
             Rejection::UserBlocked { .. } => "USER_BLOCKED",
             Rejection::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
+            Rejection::ConversationFull { .. } => "CONVERSATION_FULL",
+            Rejection::SyncInProgress => "SYNC_IN_PROGRESS",
             Rejection::MessageNotFound { .. } => "MESSAGE_NOT_FOUND",
             Rejection::DeviceNotFound => "DEVICE_NOT_FOUND",
             Rejection::RouteNotFound => "NOT_FOUND",
@@ -161,6 +176,8 @@ impl Rejection {
             Rejection::ConversationInactive { .. } => "conversation_inactive",
             Rejection::UserBlocked { .. } => "user_blocked",
             Rejection::IdempotencyKeyReused { .. } => "idempotency_key_reused",
+            Rejection::ConversationFull { .. } => "conversation_full",
+            Rejection::SyncInProgress => "sync_in_progress",
             Rejection::MessageNotFound { .. } => "message_not_found",
             Rejection::DeviceNotFound => "device_not_found",
             Rejection::RouteNotFound => "route_not_found",
@@ -224,6 +241,15 @@ impl Rejection {
             Rejection::IdempotencyKeyReused {
                 original_message_id,
             } => json!({ "originalMessageId": original_message_id }),
+            Rejection::ConversationFull {
+                max_members,
+                conversation_id: Some(conversation_id),
+            } => json!({ "maxMembers": max_members, "conversationId": conversation_id }),
+            Rejection::ConversationFull {
+                max_members,
+                conversation_id: None,
+            } => json!({ "maxMembers": max_members }),
+            Rejection::SyncInProgress => json!({}),
             Rejection::MessageNotFound { message_id } => json!({ "messageId": message_id }),
             Rejection::DeviceNotFound | Rejection::RouteNotFound => json!({}),
             Rejection::PayloadTooLarge { limit_bytes } => json!({ "limitBytes": limit_bytes }),

@@ -93,10 +93,15 @@ pub async fn router(
             }
         }
     });
-    let rate_limit = state.rate_limit.clone();
+    let limits = [
+        state.rate_limit.clone(),
+        state.ack_rate.clone(),
+        state.membership_rate.clone(),
+    ];
     tokio::spawn(async move {
+        let housekeeping = futures::future::join_all(limits.map(|limit| limit.housekeeping()));
         tokio::select! {
-            () = rate_limit.housekeeping() => {}
+            _ = housekeeping => {}
             () = shutdown.cancelled() => {}
         }
     });

@@ -1,4 +1,9 @@
-//! Per-user rate limiting (governor's GCRA), so one noisy sender cannot crowd out the rest.
+//! Per-user rate limiting (governor's GCRA), so one noisy user cannot crowd out the rest.
+//!
+//! The gateway keeps one limiter per kind of work, each with its own setting: sends, `ack`
+//! frames (receipts, which a device sends for every message it gets, so they have a budget of
+//! their own instead of eating into the user's sends), and membership changes (each one writes
+//! to Postgres and makes every gateway drop cached facts).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -16,13 +21,21 @@ pub struct RateLimit {
 impl RateLimit {
     /// `per_second` sustained with bursts of `burst`; `per_second == 0` turns limiting off.
     pub fn new(per_second: u32, burst: u32) -> RateLimit {
-        let limiter = NonZeroU32::new(per_second).map(|rate| {
+        RateLimit::with_quota(NonZeroU32::new(per_second).map(|rate| {
             let burst = NonZeroU32::new(burst).unwrap_or(rate);
-            Arc::new(RateLimiter::keyed(
-                Quota::per_second(rate).allow_burst(burst),
-            ))
-        });
-        RateLimit { limiter }
+            Quota::per_second(rate).allow_burst(burst)
+        }))
+    }
+
+    /// `per_minute` sustained, all of it usable at once; `per_minute == 0` turns limiting off.
+    pub fn per_minute(per_minute: u32) -> RateLimit {
+        RateLimit::with_quota(NonZeroU32::new(per_minute).map(Quota::per_minute))
+    }
+
+    fn with_quota(quota: Option<Quota>) -> RateLimit {
+        RateLimit {
+            limiter: quota.map(|quota| Arc::new(RateLimiter::keyed(quota))),
+        }
     }
 
     pub fn check(&self, user_id: &str) -> Result<(), Rejection> {
@@ -70,9 +83,24 @@ mod tests {
 
     #[test]
     fn zero_turns_it_off() {
-        let limit = RateLimit::new(0, 0);
-        for _ in 0..1000 {
+        for limit in [RateLimit::new(0, 0), RateLimit::per_minute(0)] {
+            for _ in 0..1000 {
+                limit.check("alice").unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_minute_budget_is_spent_at_once_then_waits_seconds() {
+        let limit = RateLimit::per_minute(6);
+        for _ in 0..6 {
             limit.check("alice").unwrap();
         }
+        let wait = limit
+            .check("alice")
+            .unwrap_err()
+            .retry_after_secs()
+            .unwrap();
+        assert!((1..=10).contains(&wait), "{wait}");
     }
 }

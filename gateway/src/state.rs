@@ -16,6 +16,7 @@ use crate::policies::{ActiveChain, PolicyMetrics};
 use crate::producer::Producer;
 use crate::rate_limit::RateLimit;
 use crate::socket::SocketNode;
+use crate::socket::receipt::{RECEIPT_MEMORY, ReceiptTarget};
 
 /// A message this gateway accepted that may not be in Postgres yet: lets the status route
 /// answer `pending` instead of 404 in the moment between 202 and persist.
@@ -38,6 +39,10 @@ pub struct AppState {
     pub policy_metrics: PolicyMetrics,
     pub producer: Producer,
     pub rate_limit: RateLimit,
+    /// Per-user budget of `ack` frames, apart from sends.
+    pub ack_rate: RateLimit,
+    /// Per-user budget of membership changes (create, add, remove).
+    pub membership_rate: RateLimit,
     pub recently_accepted: Cache<Uuid, Accepted>,
     /// History pages as served, by (conversation, after_seq, limit): a reconnect storm asks
     /// for the same pages many times. Dropped per conversation when the consumers announce new
@@ -48,9 +53,10 @@ pub struct AppState {
     pub metrics: ProducerMetrics,
     /// This gateway's WebSockets, by user.
     pub sockets: SocketNode,
-    /// (message, user) pairs found to be a recipient of the message, with its conversation:
-    /// a message's recipients never change, so a positive answer can be kept.
-    pub receipt_targets: Cache<(Uuid, String), Uuid>,
+    /// (message, user) pairs found to be a recipient of the message, with its conversation
+    /// (a message's recipients never change, so a positive answer can be kept) and the
+    /// furthest receipt this gateway already published for them, which a repeat need not.
+    pub receipt_targets: Cache<(Uuid, String), ReceiptTarget>,
 }
 
 impl AppState {
@@ -64,6 +70,8 @@ impl AppState {
         let facts = Facts::new(pool.clone(), nats.clone(), config.facts_ttl());
         let producer = Producer::new(nats.clone(), config.partitions, config.publish_timeout());
         let rate_limit = RateLimit::new(config.rate_per_user, config.rate_burst);
+        let ack_rate = RateLimit::new(config.ack_rate_per_user, config.ack_rate_burst);
+        let membership_rate = RateLimit::per_minute(config.membership_rate_per_min);
         AppState {
             verifier: Arc::new(verifier),
             pool,
@@ -73,6 +81,8 @@ impl AppState {
             policy_metrics: PolicyMetrics::new(),
             producer,
             rate_limit,
+            ack_rate,
+            membership_rate,
             history_pages: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(5))
@@ -88,8 +98,8 @@ impl AppState {
             )),
             sockets,
             receipt_targets: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(300))
+                .max_capacity(200_000)
+                .time_to_live(RECEIPT_MEMORY)
                 .build(),
             config: Arc::new(config),
         }

@@ -95,9 +95,10 @@ pub struct System {
     push: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The configuration tests run with: defaults, loopback, the test secret, no rate limit, a
-/// short ack wait so redeliveries after a killed consumer happen within a test's patience, and
-/// a short partition lease TTL so consumers started after killed ones take over quickly.
+/// The configuration tests run with: defaults, loopback, the test secret, no rate limits
+/// (sends, acks, membership changes), a short ack wait so redeliveries after a killed
+/// consumer happen within a test's patience, and a short partition lease TTL so consumers
+/// started after killed ones take over quickly.
 pub fn test_config(servers: &Servers) -> Config {
     let mut config = Config::from_env().expect("default config");
     config.nats_url = servers.nats.url();
@@ -107,6 +108,8 @@ pub fn test_config(servers: &Servers) -> Config {
     config.jwt_secret_file = None;
     config.jwt_public_key_file = None;
     config.rate_per_user = 0;
+    config.ack_rate_per_user = 0;
+    config.membership_rate_per_min = 0;
     config.ack_wait_secs = 3;
     config.lease_ttl_secs = 3;
     config.partitions = 4;

@@ -130,3 +130,32 @@ pub async fn acknowledge(socket: &mut Socket, message: uuid::Uuid, state: &str) 
         }
     }
 }
+
+/// Opens a socket with `token` as it is, without waiting for anything.
+pub async fn open(base: &str, token: &str) -> Socket {
+    let (socket, _) = tokio_tungstenite::connect_async(ws_url(base, token))
+        .await
+        .expect("websocket opens");
+    socket
+}
+
+/// Reads until the server closes the socket: the JSON frames that came first, and the close
+/// code (`None` for a close without a frame, or a connection that just ended).
+pub async fn read_until_closed(socket: &mut Socket) -> (Vec<Value>, Option<u16>) {
+    let mut frames = Vec::new();
+    let code = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    frames.push(serde_json::from_str(&text).expect("frames are JSON"));
+                }
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return None,
+            }
+        }
+    })
+    .await
+    .expect("the server closes the socket in time");
+    (frames, code)
+}

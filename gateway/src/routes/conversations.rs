@@ -2,6 +2,15 @@
 //! add and remove members, deactivate it, block a user. Every change of membership or state is
 //! announced so all gateways drop their cached facts. Also the conversation's push setting,
 //! which no gateway caches: the push workers read it for every push.
+//!
+//! Two limits keep membership from becoming a way to hurt everyone else:
+//! * a conversation has at most `HOTPATH_MAX_MEMBERS` active members (1,000 by default, the
+//!   shipped `schema` policy's recipient limit), checked when it is created and on every add,
+//!   under a lock on the conversation so that concurrent adds cannot pass it together: every
+//!   send to it fans out to all of them;
+//! * each user may make `HOTPATH_MEMBERSHIP_RATE_PER_MIN` membership changes a minute
+//!   (creating a conversation, adding or removing a member): each one writes to Postgres and
+//!   makes every gateway drop cached facts. Past it: 429 `RATE_LIMIT_EXCEEDED` + Retry-After.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -20,9 +29,6 @@ use uuid::Uuid;
 use crate::facts::{ConversationFacts, Invalidation};
 use crate::http::{ApiError, authenticate, db_error, read_json, typed};
 use crate::state::AppState;
-
-/// Largest conversation: the creator plus the most recipients a message may name.
-pub const MAX_MEMBERS: usize = 1001;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -63,6 +69,7 @@ pub async fn create(
     body: Body,
 ) -> Result<(StatusCode, Json<ConversationView>), ApiError> {
     let user_id = authenticate(&state, &headers)?;
+    state.membership_rate.check(&user_id)?;
     let request: CreateConversation =
         typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
 
@@ -85,8 +92,12 @@ pub async fn create(
         "direct" | "group" => {}
         _ => return Err(invalid("type must be direct or group", "type").into()),
     }
-    if members.len() > MAX_MEMBERS {
-        return Err(invalid(&format!("at most {} members", MAX_MEMBERS), "members").into());
+    if members.len() > state.config.max_members {
+        return Err(Rejection::ConversationFull {
+            max_members: state.config.max_members,
+            conversation_id: None,
+        }
+        .into());
     }
 
     let id = Uuid::new_v4();
@@ -131,7 +142,8 @@ struct AddMember {
     user_id: String,
 }
 
-/// `POST /v1/conversations/{id}/members`: an active member adds someone to an active group.
+/// `POST /v1/conversations/{id}/members`: an active member adds someone to an active group
+/// that has room (adding someone who is already a member changes nothing).
 pub async fn add_member(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -139,6 +151,7 @@ pub async fn add_member(
     body: Body,
 ) -> Result<Json<ConversationView>, ApiError> {
     let user_id = authenticate(&state, &headers)?;
+    state.membership_rate.check(&user_id)?;
     let request: AddMember = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
     let conversation = member_of(&state, &id, &user_id).await?;
     active(&conversation)?;
@@ -148,15 +161,39 @@ pub async fn add_member(
     if conversation.kind == "direct" && !conversation.active_members.contains(&request.user_id) {
         return Err(invalid("members of a direct conversation cannot change", "userId").into());
     }
+    let mut tx = state.pool.begin().await.map_err(db_error)?;
+    // Concurrent adds to one conversation count its members one after the other.
+    sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE")
+        .bind(conversation.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let (members, already_in): (i64, bool) = sqlx::query_as(
+        "SELECT count(*), coalesce(bool_or(user_id = $2), false)
+           FROM conversation_members WHERE conversation_id = $1 AND is_active",
+    )
+    .bind(conversation.id)
+    .bind(&request.user_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    if !already_in && members as usize >= state.config.max_members {
+        return Err(Rejection::ConversationFull {
+            max_members: state.config.max_members,
+            conversation_id: Some(conversation.id.to_string()),
+        }
+        .into());
+    }
     sqlx::query(
         "INSERT INTO conversation_members (conversation_id, user_id) VALUES ($1, $2)
          ON CONFLICT (conversation_id, user_id) DO UPDATE SET is_active = true, left_at = NULL",
     )
     .bind(conversation.id)
     .bind(&request.user_id)
-    .execute(&state.pool)
+    .execute(&mut *tx)
     .await
     .map_err(db_error)?;
+    tx.commit().await.map_err(db_error)?;
     changed(&state, &conversation).await
 }
 
@@ -168,6 +205,7 @@ pub async fn remove_member(
     Path((id, member)): Path<(String, String)>,
 ) -> Result<Json<ConversationView>, ApiError> {
     let user_id = authenticate(&state, &headers)?;
+    state.membership_rate.check(&user_id)?;
     let conversation = member_of(&state, &id, &user_id).await?;
     sqlx::query(
         "UPDATE conversation_members SET is_active = false, left_at = now()

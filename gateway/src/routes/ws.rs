@@ -12,6 +12,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::response::{IntoResponse, Response};
+use hotpath_core::auth::Verified;
 use hotpath_core::rejection::Rejection;
 use serde::Deserialize;
 
@@ -35,8 +36,8 @@ pub async fn upgrade(
     query: Result<Query<WsQuery>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let user_id = match authenticate(&state, &headers, query) {
-        Ok(user_id) => user_id,
+    let token = match authenticate(&state, &headers, query) {
+        Ok(token) => token,
         Err(rejection) => return ApiError(rejection).into_response(),
     };
     let upgrade = match upgrade {
@@ -51,23 +52,24 @@ pub async fn upgrade(
     upgrade
         .max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .on_upgrade(move |socket| connection::serve(socket, state, user_id))
+        .on_upgrade(move |socket| connection::serve(socket, state, token))
 }
 
-/// The header's bearer token if there is one, else `?token=`.
+/// The header's bearer token if there is one, else `?token=`: its user, and its expiry, at
+/// which the socket closes unless the client refreshes it.
 fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, QueryRejection>,
-) -> Result<String, Rejection> {
-    if headers.contains_key(AUTHORIZATION) {
-        return crate::http::authenticate(state, headers);
+) -> Result<Verified, Rejection> {
+    if let Some(header) = headers.get(AUTHORIZATION) {
+        return state.verifier.verify_bearer(header.to_str().ok());
     }
     let token = query.ok().and_then(|Query(q)| q.token);
     match token {
         Some(token) => state
             .verifier
-            .verify_header(Some(&format!("Bearer {token}"))),
-        None => state.verifier.verify_header(None),
+            .verify_bearer(Some(&format!("Bearer {token}"))),
+        None => state.verifier.verify_bearer(None),
     }
 }

@@ -18,6 +18,8 @@ pub enum CloseReason {
     HeartbeatTimeout,
     /// A frame larger than the WebSocket layer accepts at all.
     MessageTooBig,
+    /// The socket's token expired without a `refresh` (see `super::expiry`).
+    TokenExpired,
     /// The gateway is stopping.
     ServerShutdown,
 }
@@ -30,6 +32,7 @@ impl CloseReason {
             CloseReason::OutboundQueueFull => "outbound_queue_full",
             CloseReason::HeartbeatTimeout => "heartbeat_timeout",
             CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::TokenExpired => "token_expired",
             CloseReason::ServerShutdown => "server_shutdown",
         }
     }
@@ -41,6 +44,7 @@ impl CloseReason {
             CloseReason::OutboundQueueFull => Some((1008, "outbound queue full")),
             CloseReason::HeartbeatTimeout => Some((4000, "heartbeat timeout")),
             CloseReason::MessageTooBig => Some((1009, "message too big")),
+            CloseReason::TokenExpired => Some((4001, "token expired")),
             CloseReason::ServerShutdown => Some((1001, "server shutting down")),
         }
     }
@@ -50,7 +54,7 @@ impl CloseReason {
     pub fn flushes_replies(self) -> bool {
         matches!(
             self,
-            CloseReason::MessageTooBig | CloseReason::ServerShutdown
+            CloseReason::MessageTooBig | CloseReason::TokenExpired | CloseReason::ServerShutdown
         )
     }
 }

@@ -1,14 +1,16 @@
 //! One WebSocket, from upgrade to close.
 //!
-//! Three tasks share the connection:
+//! Four tasks share the connection:
 //! * the **reader** (this task) answers the client's frames in order (receipts, `ack`, too:
-//!   see [`super::receipt`]): sends go through the
+//!   see [`super::receipt`]; token refreshes: see [`super::expiry`]): sends go through the
 //!   same `accept` as `POST /v1/messages`, one at a time, so a client's messages are accepted in
 //!   the order it sent them;
 //! * the **writer** alone writes to the socket: live frames from the node (bounded queue,
 //!   overflow ends the socket), replies and catch-up frames (bounded, the producer waits), and
 //!   a ping every interval; it closes a socket the client stopped answering;
-//! * the **catch-up** task serves `sync` requests (see [`super::sync`]).
+//! * the **catch-up** task serves `sync` requests, one at a time (see [`super::sync`]);
+//! * the **expiry** task warns the client before its token expires and ends the connection
+//!   when it does (see [`super::expiry`]).
 //!
 //! Whichever notices the end first records why in [`Ending`]; the others stop, and the writer
 //! sends the matching close frame if the client can still be told.
@@ -21,19 +23,19 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use hotpath_core::auth::Verified;
 use hotpath_core::rejection::Rejection;
 use tokio::sync::mpsc;
 
 use super::close::{CloseReason, Ending};
+use super::expiry::{self, TokenLifetime};
 use super::protocol::{self, ClientFrame};
-use super::sync::{self, SyncRequest};
+use super::sync::{self, SyncRequest, SyncSlot};
 use crate::routes::send::{accept, send_slot};
 use crate::state::AppState;
 
 /// Replies and catch-up frames waiting for the writer; their producers wait when it is full.
 const REPLY_QUEUE: usize = 64;
-/// `sync` requests a socket may have waiting; more are refused.
-const SYNC_QUEUE: usize = 16;
 /// Live frames written (then flushed) together when they are already waiting.
 const WRITE_BATCH: usize = 64;
 /// Longest time spent writing the last replies and the close frame to a closing socket.
@@ -65,8 +67,12 @@ impl Heard {
     }
 }
 
-/// Runs one authenticated socket of `user_id` until it closes.
-pub async fn serve(socket: WebSocket, state: AppState, user_id: String) {
+/// Runs one authenticated socket until it closes: its user's, until its token expires.
+pub async fn serve(socket: WebSocket, state: AppState, token: Verified) {
+    let Verified {
+        user_id,
+        expires_at,
+    } = token;
     let node = state.sockets.clone();
     let (outbound_tx, outbound_rx) = mpsc::channel(state.config.ws_outbound_queue.max(1));
     let ending = Ending::default();
@@ -92,8 +98,10 @@ pub async fn serve(socket: WebSocket, state: AppState, user_id: String) {
 
     let (sink, stream) = socket.split();
     let (replies_tx, replies_rx) = mpsc::channel(REPLY_QUEUE);
-    let (syncs_tx, syncs_rx) = mpsc::channel(SYNC_QUEUE);
+    // One sync runs at a time (the slot), and the catch-up task takes it at once.
+    let (syncs_tx, syncs_rx) = mpsc::channel(1);
     let heard = Heard::new();
+    let (lifetime, expiry) = TokenLifetime::new(expires_at);
 
     let writer = tokio::spawn(write(
         sink,
@@ -110,11 +118,19 @@ pub async fn serve(socket: WebSocket, state: AppState, user_id: String) {
         replies_tx.clone(),
         ending.clone(),
     ));
+    tokio::spawn(expiry::enforce(
+        expiry,
+        state.config.ws_expiry_notice(),
+        replies_tx.clone(),
+        ending.clone(),
+    ));
     let reader = Reader {
         state: &state,
         user_id: &user_id,
         replies: replies_tx,
         syncs: syncs_tx,
+        sync_slot: SyncSlot::default(),
+        lifetime,
         ending: ending.clone(),
         heard,
     };
@@ -132,6 +148,8 @@ struct Reader<'a> {
     user_id: &'a str,
     replies: mpsc::Sender<Utf8Bytes>,
     syncs: mpsc::Sender<SyncRequest>,
+    sync_slot: SyncSlot,
+    lifetime: TokenLifetime,
     ending: Ending,
     heard: Heard,
 }
@@ -234,20 +252,33 @@ impl Reader<'_> {
                 conversation_id,
                 after_seq,
             } => {
+                let running = match self.sync_slot.take() {
+                    Ok(running) => running,
+                    Err(rejection) => {
+                        self.reply(protocol::error(req_id.as_deref(), &rejection))
+                            .await;
+                        return;
+                    }
+                };
                 let request = SyncRequest {
                     req_id,
                     conversation_id,
                     after_seq,
+                    running,
                 };
-                if let Err(refused) = self.syncs.try_send(request) {
-                    let request = refused.into_inner();
-                    let rejection = Rejection::ServiceUnavailable {
-                        reason: format!("more than {SYNC_QUEUE} syncs are waiting on this socket"),
-                        retry_after_secs: 1,
-                    };
-                    self.reply(protocol::error(request.req_id.as_deref(), &rejection))
-                        .await;
-                }
+                // The slot was free, so the catch-up task is waiting for this request; it
+                // is gone only when the connection is ending, and then nothing needs an answer.
+                let _ = self.syncs.try_send(request);
+            }
+            ClientFrame::Refresh { req_id, token } => {
+                let refreshed = self
+                    .lifetime
+                    .refresh(&self.state.verifier, self.user_id, &token);
+                let reply = match refreshed {
+                    Ok(expires_at) => protocol::refreshed(req_id.as_deref(), expires_at),
+                    Err(rejection) => protocol::error(req_id.as_deref(), &rejection),
+                };
+                self.reply(reply).await;
             }
         }
     }

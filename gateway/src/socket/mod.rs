@@ -12,10 +12,11 @@
 //!
 //! [`node`] keeps the registry, the subscriptions and presence; [`connection`] runs one
 //! socket; [`protocol`] is the frame format; [`sync`] is catch-up from Postgres; [`receipt`]
-//! takes delivered/read acks.
+//! takes delivered/read acks; [`expiry`] closes a socket when its token expires.
 
 pub mod close;
 pub mod connection;
+pub mod expiry;
 mod metrics;
 pub mod node;
 pub mod protocol;

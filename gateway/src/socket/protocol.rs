@@ -6,6 +6,7 @@
 //! as HTTP; it never closes the connection.
 
 use axum::extract::ws::Utf8Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
 use hotpath_core::receipts::ReceiptState;
 use hotpath_core::rejection::Rejection;
 use serde_json::{Map, Value, json};
@@ -40,6 +41,11 @@ pub enum ClientFrame {
         req_id: Option<String>,
         message_id: String,
         state: ReceiptState,
+    },
+    /// A newer token for the socket (`super::expiry`), before the current one expires.
+    Refresh {
+        req_id: Option<String>,
+        token: String,
     },
 }
 
@@ -163,11 +169,27 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
                 state,
             })
         }
+        "refresh" => match object.get("token") {
+            Some(Value::String(token)) => Ok(ClientFrame::Refresh {
+                req_id,
+                token: token.clone(),
+            }),
+            Some(Value::Null) | None => Err(refuse(
+                req_id,
+                Rejection::MissingRequiredField {
+                    field: "token".into(),
+                },
+            )),
+            Some(_) => Err(refuse(req_id, field_type("token", "a string"))),
+        },
         other => Err(refuse(
             req_id,
             Rejection::InvalidSchema {
                 message: format!("unknown frame type {other:?}"),
-                details: json!({"type": other, "expected": ["send", "sync", "ping", "ack"]}),
+                details: json!({
+                    "type": other,
+                    "expected": ["send", "sync", "ping", "ack", "refresh"],
+                }),
             },
         )),
     }
@@ -233,6 +255,33 @@ pub fn ack_ok(req_id: Option<&str>) -> Utf8Bytes {
 
 pub fn pong(req_id: Option<&str>) -> Utf8Bytes {
     frame("pong", req_id, json!({}))
+}
+
+/// A token expiry (`exp`, Unix seconds) as the RFC 3339 time the other frames use.
+fn expiry_time(expires_at: u64) -> String {
+    i64::try_from(expires_at)
+        .ok()
+        .and_then(|secs| DateTime::from_timestamp(secs, 0))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A `refresh` was taken: the socket now lives until `expires_at`.
+pub fn refreshed(req_id: Option<&str>, expires_at: u64) -> Utf8Bytes {
+    frame(
+        "refreshed",
+        req_id,
+        json!({"expiresAt": expiry_time(expires_at)}),
+    )
+}
+
+/// The socket's token expires soon: send a `refresh` before `expires_at` to stay connected.
+pub fn token_expiring(expires_at: u64) -> Utf8Bytes {
+    frame(
+        "token.expiring",
+        None,
+        json!({"expiresAt": expiry_time(expires_at)}),
+    )
 }
 
 /// Ends a `sync`: everything up to `last_seq` was sent (`afterSeq` when nothing was new).
@@ -314,6 +363,30 @@ mod tests {
         );
         let ok: Value = serde_json::from_str(&ack_ok(Some("a"))).unwrap();
         assert_eq!(ok, json!({"type": "ack.ok", "reqId": "a"}));
+    }
+
+    #[test]
+    fn refresh_frames_carry_a_token_and_answers_name_the_expiry() {
+        assert_eq!(
+            parse(r#"{"type":"refresh","reqId":"r","token":"t"}"#).unwrap(),
+            ClientFrame::Refresh {
+                req_id: Some("r".into()),
+                token: "t".into(),
+            }
+        );
+        assert_eq!(code(r#"{"type":"refresh"}"#), "MISSING_REQUIRED_FIELD");
+        assert_eq!(
+            code(r#"{"type":"refresh","token":5}"#),
+            "INVALID_FIELD_TYPE"
+        );
+        let refreshed: Value = serde_json::from_str(&refreshed(Some("r"), 1_735_732_800)).unwrap();
+        assert_eq!(
+            refreshed,
+            json!({"type": "refreshed", "reqId": "r", "expiresAt": "2025-01-01T12:00:00Z"})
+        );
+        let expiring: Value = serde_json::from_str(&token_expiring(u64::MAX)).unwrap();
+        assert_eq!(expiring["type"], "token.expiring");
+        assert!(expiring["expiresAt"].is_string());
     }
 
     #[test]

@@ -5,15 +5,22 @@
 //! frames, then `sync.done`. Live frames keep flowing meanwhile, so around the seam a message
 //! may arrive both ways: clients deduplicate by (conversationId, seq).
 //!
-//! Syncs of one socket run one after the other on their own task, so a long catch-up never
-//! holds up the socket's sends or pings, and each page waits for room in the socket's reply
-//! queue: a catch-up is paced by the client's reading, never buffered whole.
+//! A socket runs one sync at a time, on a task of its own, so a long catch-up never holds up
+//! the socket's sends or pings, and each page waits for room in the socket's reply queue: a
+//! catch-up is paced by the client's reading, never buffered whole. A `sync` that arrives
+//! while another runs is refused with `SYNC_IN_PROGRESS` rather than queued: whatever the
+//! client sends, a socket holds at most one catch-up's worth of Postgres reads and reply
+//! frames, and a client that wants several conversations sends the next `sync` after the
+//! previous one's `sync.done` (or `error`). The socket's [`SyncSlot`] is free again just before
+//! that last frame is queued, so a client that waits for it is never refused.
+
+use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use hotpath_core::events::{DeliveredMessage, Event};
 use hotpath_core::rejection::Rejection;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use uuid::Uuid;
 
 use super::close::Ending;
@@ -25,11 +32,32 @@ use crate::state::AppState;
 /// Messages read from Postgres per query.
 const PAGE: i64 = 200;
 
+/// The one sync a socket may run at a time.
+pub struct SyncSlot(Arc<Semaphore>);
+
+impl Default for SyncSlot {
+    fn default() -> SyncSlot {
+        SyncSlot(Arc::new(Semaphore::new(1)))
+    }
+}
+
+impl SyncSlot {
+    /// The slot, held until the permit is dropped, unless a sync holds it.
+    pub fn take(&self) -> Result<OwnedSemaphorePermit, Rejection> {
+        self.0
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Rejection::SyncInProgress)
+    }
+}
+
 #[derive(Debug)]
 pub struct SyncRequest {
     pub req_id: Option<String>,
     pub conversation_id: String,
     pub after_seq: i64,
+    /// The socket's [`SyncSlot`], held while this sync runs.
+    pub running: OwnedSemaphorePermit,
 }
 
 /// The reply queue went away: the connection is ending.
@@ -54,16 +82,16 @@ pub async fn serve(
             outcome = catch_up(&state, &user_id, &request, &replies) => outcome,
             () = ending.ended() => return,
         };
-        let written = match outcome {
+        let last = match outcome {
             Ok(Ok((conversation_id, last_seq))) => {
-                replies
-                    .send(protocol::sync_done(req_id, conversation_id, last_seq))
-                    .await
+                protocol::sync_done(req_id, conversation_id, last_seq)
             }
-            Ok(Err(rejection)) => replies.send(protocol::error(req_id, &rejection)).await,
+            Ok(Err(rejection)) => protocol::error(req_id, &rejection),
             Err(Disconnected) => return,
         };
-        if written.is_err() {
+        // Free before the client can see the end: its next sync must find the slot free.
+        drop(request.running);
+        if replies.send(last).await.is_err() {
             return;
         }
     }
