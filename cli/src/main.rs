@@ -150,9 +150,12 @@ async fn main() -> anyhow::Result<()> {
             ttl_secs,
             config,
         } => {
-            let secret = match auth::hs256_secret(&config) {
-                Ok(secret) => secret,
-                Err(_) => auth::read_secret_file(&data_dir.join("jwt-secret"))?,
+            // The configured secret if there is one (refused if too short, as the gateway would),
+            // else the one `hotpath up` generated.
+            let secret = if config.jwt_secret.is_some() || config.jwt_secret_file.is_some() {
+                auth::hs256_secret(&config)?
+            } else {
+                auth::read_secret_file(&data_dir.join("jwt-secret"))?
             };
             println!("{}", auth::mint_hs256_token(&secret, &user_id, ttl_secs)?);
             Ok(())

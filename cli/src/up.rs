@@ -206,14 +206,27 @@ fn choose_ports(data_dir: &Path) -> anyhow::Result<Ports> {
     Ok(ports)
 }
 
-/// The development HS256 secret, generated on first run.
-fn ensure_dev_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
+/// The development HS256 secret, generated on first run. One the gateway would refuse (empty,
+/// or shorter than 32 bytes, as an edited file may be) is replaced by a new one: it is a
+/// development secret, and the only cost is that tokens minted with the old one stop working.
+pub fn ensure_dev_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
     let path = data_dir.join("jwt-secret");
-    if !path.exists() {
-        std::fs::write(&path, auth::generate_secret())?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    if path.exists() {
+        match auth::read_secret_file(&path) {
+            Ok(_) => return Ok(path),
+            Err(error) => {
+                println!(
+                    "note: replacing the development JWT secret {} ({error:#}); tokens signed \
+                     with the old one are no longer accepted",
+                    path.display()
+                );
+                tracing::warn!(path = %path.display(), %error, "replacing the development JWT secret");
+            }
+        }
     }
+    std::fs::write(&path, auth::generate_secret())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(path)
 }
 

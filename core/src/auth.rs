@@ -3,6 +3,12 @@
 //! Development uses an HS256 secret (`hotpath up` generates one into its data dir and
 //! `hotpath token <user>` signs with it); production configures an RS256 or ES256 public key
 //! so that only the identity provider can mint tokens.
+//!
+//! Every token must carry `sub` and `exp`; `exp` and, when present, `nbf` are checked with
+//! `HOTPATH_JWT_LEEWAY_SECS` of tolerated clock skew; `iss` and `aud` are checked when
+//! `HOTPATH_JWT_ISSUER` / `HOTPATH_JWT_AUDIENCE` are set (and then required). An HS256 secret
+//! shorter than [`MIN_HS256_SECRET_BYTES`] is refused at start-up: an empty one is a key
+//! anyone can sign with, a short one can be guessed offline from a single token.
 
 use std::path::Path;
 
@@ -15,6 +21,10 @@ use crate::rejection::Rejection;
 
 /// Longest accepted user id.
 pub const MAX_USER_ID_LEN: usize = 128;
+
+/// The shortest HS256 secret accepted: 256 bits, the size of the HMAC-SHA-256 output (RFC 7518
+/// §3.2 requires a key at least that long).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
@@ -44,21 +54,41 @@ impl TokenVerifier {
         Ok(TokenVerifier::new(key, Algorithm::ES256))
     }
 
-    /// The verifier the configuration asks for: a public key file, else the HS256 secret.
+    /// The verifier the configuration asks for: a public key file, else the HS256 secret;
+    /// with the issuer, audience and leeway it sets.
     pub fn from_config(config: &Config) -> anyhow::Result<TokenVerifier> {
-        if let Some(path) = &config.jwt_public_key_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("reading JWT public key {}", path.display()))?;
-            return TokenVerifier::from_public_key_pem(&pem);
-        }
-        Ok(TokenVerifier::hs256(&hs256_secret(config)?))
+        let verifier = match &config.jwt_public_key_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading JWT public key {}", path.display()))?;
+                TokenVerifier::from_public_key_pem(&pem)?
+            }
+            None => TokenVerifier::hs256(&hs256_secret(config)?),
+        };
+        Ok(verifier.expecting(
+            config.jwt_issuer.as_deref(),
+            config.jwt_audience.as_deref(),
+            config.jwt_leeway_secs,
+        ))
     }
 
     fn new(key: DecodingKey, algorithm: Algorithm) -> TokenVerifier {
-        let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 30;
-        TokenVerifier { key, validation }
+        TokenVerifier {
+            key,
+            validation: validation(algorithm),
+        }
+    }
+
+    /// Requires `iss` and `aud` to be these when given, and tolerates `leeway_secs` of clock
+    /// skew on `exp` and `nbf`.
+    pub fn expecting(
+        mut self,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+        leeway_secs: u64,
+    ) -> TokenVerifier {
+        expect_claims(&mut self.validation, issuer, audience, leeway_secs);
+        self
     }
 
     /// The user id of a valid `Authorization` header value.
@@ -96,21 +126,73 @@ pub struct Verified {
     pub expires_at: u64,
 }
 
-/// The HS256 secret from the configuration: the value, else the file's contents.
+/// What every token is checked against besides its signature: `exp` (required) and `nbf`
+/// (when present), and `sub` present. `aud` is not checked until an audience is expected:
+/// jsonwebtoken would otherwise refuse every token that names one.
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.validate_nbf = true;
+    validation.validate_aud = false;
+    validation.leeway = 30;
+    validation
+}
+
+fn expect_claims(
+    validation: &mut Validation,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+    leeway_secs: u64,
+) {
+    let mut required = vec!["exp", "sub"];
+    if let Some(issuer) = issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    if let Some(audience) = audience {
+        validation.set_audience(&[audience]);
+        validation.validate_aud = true;
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
+    validation.leeway = leeway_secs;
+}
+
+/// The HS256 secret from the configuration: the value, else the file's contents; refused when
+/// shorter than [`MIN_HS256_SECRET_BYTES`], naming the setting it came from.
 pub fn hs256_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     if let Some(secret) = &config.jwt_secret {
-        return Ok(secret.as_bytes().to_vec());
+        let secret = secret.as_bytes().to_vec();
+        check_secret_length(&secret, "HOTPATH_JWT_SECRET")?;
+        return Ok(secret);
     }
     let path = config.jwt_secret_file.as_deref().context(
         "no JWT key configured: set HOTPATH_JWT_SECRET, HOTPATH_JWT_SECRET_FILE or HOTPATH_JWT_PUBLIC_KEY_FILE",
     )?;
-    read_secret_file(path)
+    read_secret_file(path).with_context(|| format!("HOTPATH_JWT_SECRET_FILE={}", path.display()))
 }
 
+/// The secret in `path` (surrounding whitespace trimmed), refused when too short.
 pub fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     let secret = std::fs::read_to_string(path)
         .with_context(|| format!("reading JWT secret {}", path.display()))?;
-    Ok(secret.trim().as_bytes().to_vec())
+    let secret = secret.trim().as_bytes().to_vec();
+    check_secret_length(&secret, &path.display().to_string())?;
+    Ok(secret)
+}
+
+fn check_secret_length(secret: &[u8], source: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "the HS256 secret from {source} is empty: anyone could sign tokens with it"
+    );
+    anyhow::ensure!(
+        secret.len() >= MIN_HS256_SECRET_BYTES,
+        "the HS256 secret from {source} is {} bytes; it must be at least {MIN_HS256_SECRET_BYTES} \
+         (make one with `openssl rand -hex 32`)",
+        secret.len()
+    );
+    Ok(())
 }
 
 /// A new random HS256 secret, hex encoded.
@@ -210,6 +292,100 @@ mod tests {
                 .verify_header(Some(&format!("Bearer {forged}")))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_empty_or_short_hs256_secret_is_refused_naming_its_setting() {
+        let mut config = Config::from_env().unwrap();
+        config.jwt_public_key_file = None;
+        config.jwt_secret_file = None;
+        for short in ["", "test-secret", &"x".repeat(MIN_HS256_SECRET_BYTES - 1)] {
+            config.jwt_secret = Some(short.to_string());
+            let error = format!("{:#}", TokenVerifier::from_config(&config).err().unwrap());
+            assert!(error.contains("HOTPATH_JWT_SECRET"), "{error}");
+        }
+        config.jwt_secret = Some("x".repeat(MIN_HS256_SECRET_BYTES));
+        assert!(TokenVerifier::from_config(&config).is_ok());
+
+        let dir = std::env::temp_dir().join(format!("hotpath-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("jwt-secret");
+        std::fs::write(&file, "  short \n").unwrap();
+        config.jwt_secret = None;
+        config.jwt_secret_file = Some(file.clone());
+        let error = format!("{:#}", TokenVerifier::from_config(&config).err().unwrap());
+        assert!(error.contains("HOTPATH_JWT_SECRET_FILE"), "{error}");
+        assert!(error.contains("5 bytes"), "{error}");
+        std::fs::write(&file, format!("{}\n", generate_secret())).unwrap();
+        assert!(TokenVerifier::from_config(&config).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const SECRET: &[u8] = b"a-unit-test-secret-of-32-bytes-at-least";
+
+    fn signed(claims: serde_json::Value) -> String {
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        format!("Bearer {token}")
+    }
+
+    #[test]
+    fn issuer_audience_and_validity_window_are_checked() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let verifier = TokenVerifier::hs256(SECRET).expecting(
+            Some("https://idp.example"),
+            Some("hotpath"),
+            30,
+        );
+        let good = serde_json::json!({
+            "sub": "alice", "iat": now, "exp": now + 60,
+            "iss": "https://idp.example", "aud": ["other", "hotpath"],
+        });
+        assert_eq!(
+            verifier.verify_header(Some(&signed(good.clone()))).unwrap(),
+            "alice"
+        );
+
+        let with = |field: &str, value: serde_json::Value| {
+            let mut claims = good.clone();
+            claims[field] = value;
+            claims
+        };
+        let without = |field: &str| {
+            let mut claims = good.clone();
+            claims.as_object_mut().unwrap().remove(field);
+            claims
+        };
+        let refused = [
+            ("wrong issuer", with("iss", "https://evil.example".into())),
+            ("no issuer", without("iss")),
+            ("wrong audience", with("aud", "other".into())),
+            ("no audience", without("aud")),
+            ("expired beyond the leeway", with("exp", (now - 31).into())),
+            (
+                "not yet valid beyond the leeway",
+                with("nbf", (now + 31).into()),
+            ),
+        ];
+        for (case, claims) in refused {
+            let rejection = verifier.verify_header(Some(&signed(claims))).unwrap_err();
+            assert_eq!(rejection.code(), "UNAUTHORIZED", "{case}");
+        }
+        // Within the leeway, a clock a little behind or ahead is forgiven.
+        for claims in [
+            with("exp", (now - 20).into()),
+            with("nbf", (now + 20).into()),
+        ] {
+            assert!(verifier.verify_header(Some(&signed(claims))).is_ok());
+        }
+
+        // Without an expected audience, a token naming one is still accepted.
+        let plain = TokenVerifier::hs256(SECRET);
+        assert!(plain.verify_header(Some(&signed(good))).is_ok());
     }
 
     #[test]

@@ -56,6 +56,19 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
+    /// The `iss` every token must carry (the identity provider's issuer URL); unset: not checked.
+    #[arg(long, env = "HOTPATH_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// An `aud` every token must name (this API's audience at the identity provider); unset:
+    /// not checked.
+    #[arg(long, env = "HOTPATH_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[arg(long, env = "HOTPATH_JWT_LEEWAY_SECS", default_value_t = 30)]
+    pub jwt_leeway_secs: u64,
+
     /// Sustained messages per second per user; 0 turns rate limiting off.
     #[arg(long, env = "HOTPATH_RATE_PER_USER", default_value_t = 50)]
     pub rate_per_user: u32,
@@ -417,6 +430,11 @@ impl fmt::Display for Config {
         writeln!(f, "jwt_secret={secret}")?;
         writeln!(f, "jwt_secret_file={:?}", self.jwt_secret_file)?;
         writeln!(f, "jwt_public_key_file={:?}", self.jwt_public_key_file)?;
+        writeln!(
+            f,
+            "jwt_issuer={:?} jwt_audience={:?} jwt_leeway_secs={}",
+            self.jwt_issuer, self.jwt_audience, self.jwt_leeway_secs
+        )?;
         writeln!(
             f,
             "rate_per_user={} rate_burst={}",

@@ -20,7 +20,8 @@ pub mod push;
 pub mod receipts;
 pub mod ws;
 
-pub const SECRET: &str = "test-secret";
+/// The HS256 secret the test systems verify with (at least 32 bytes, as the gateway requires).
+pub const SECRET: &str = "hotpath-test-secret-32-bytes-or-more";
 
 /// Postgres settings that trade durability for speed: tests kill servers on purpose, but never
 /// the machine.
