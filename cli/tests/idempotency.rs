@@ -8,9 +8,13 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use hotpath_core::names;
 use serde_json::{Value, json};
-use support::ws::{connect, next_of, send_frame};
-use support::{System, text};
+use support::ws::{QUIET, connect, next_of, send_frame, state_change, state_changes};
+use support::{System, assert_gap_free_in_acceptance_order, text};
 use uuid::Uuid;
+
+/// The tests of one binary share the process's metrics: the ones that make the consumers meet
+/// conflicts take turns, so each sees only its own in `delivery_persist_total`.
+static CONFLICT_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A message body with a `clientMessageId`.
 fn with_id(conversation: Uuid, client_message_id: &str, content: &str) -> Value {
@@ -216,4 +220,238 @@ async fn a_reused_key_for_another_request_is_409_and_a_true_retry_is_still_202()
         stored(&system, original_id).await,
         Some((conversation, "first".to_string()))
     );
+}
+
+/// Shortens MESSAGES's duplicate window to a second, so a test can step past it the way a
+/// client that reuses a key minutes later does. Before the first publish: nats-server arms its
+/// timer for forgetting keys with the window in force when the first message is stored.
+async fn shorten_duplicate_window(system: &System) {
+    let js = system.jetstream().await;
+    let mut stream = js
+        .get_stream(names::MESSAGES_STREAM)
+        .await
+        .expect("MESSAGES stream");
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    config.duplicate_window = Duration::from_secs(1);
+    js.update_stream(config)
+        .await
+        .expect("duplicate window shortened");
+}
+
+/// Sends `body` as `user` until the stream has forgotten its key and takes it as a new message
+/// (meanwhile it answers as a duplicate: 409 for a reuse, 202 `idempotentHit` for a retry), and
+/// returns that 202.
+async fn send_past_the_window(system: &System, user: &str, body: &Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = system.send(user, body.clone()).await;
+        match status {
+            202 if answer["idempotentHit"] == false => return answer,
+            202 => {}
+            409 => assert_eq!(
+                answer["error"]["code"], "IDEMPOTENCY_KEY_REUSED",
+                "{answer}"
+            ),
+            _ => panic!("unexpected answer {status}: {answer}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream still remembers the key after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `delivery_persist_total{status="conflict"}` as (rejections recorded, conflicts met again).
+async fn conflict_counts(system: &System) -> (u64, u64) {
+    let metrics = system.metrics().await;
+    let count = |hit: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("delivery_persist_total{"))
+            .filter(|l| l.contains(r#"status="conflict""#))
+            .filter(|l| l.contains(&format!(r#"idempotent_hit="{hit}""#)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    (count("false"), count("true"))
+}
+
+/// Waits (bounded) until the conflict counts are `expected`.
+async fn wait_for_conflict_counts(system: &System, expected: (u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts = conflict_counts(system).await;
+        if counts == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "conflict counts {counts:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status_of(system: &System, user: &str, message: Uuid) -> (u16, Value) {
+    let response = system
+        .get(user, &format!("/v1/messages/{message}/status"))
+        .await;
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn rejection_rows(system: &System, message: Uuid) -> i64 {
+    let (rows,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM message_rejections WHERE message_id = $1")
+            .bind(message)
+            .fetch_one(&system.pool)
+            .await
+            .expect("rejections readable");
+    rows
+}
+
+/// Asserts that `answer` (a state change or a status) says `rejected` for a key reused from
+/// `original`.
+fn assert_rejected(answer: &Value, original: Uuid) {
+    assert_eq!(answer["state"], "rejected", "{answer}");
+    assert_eq!(
+        answer["reason"]["code"], "IDEMPOTENCY_KEY_REUSED",
+        "{answer}"
+    );
+    assert_eq!(
+        answer["reason"]["details"]["originalMessageId"],
+        original.to_string(),
+        "{answer}"
+    );
+    assert!(
+        answer.get("seq").is_none(),
+        "a rejected message has no seq: {answer}"
+    );
+}
+
+/// Sends alice's `m-1` ("first") to `conversation` and returns its id.
+async fn send_first(system: &System, conversation: Uuid) -> Uuid {
+    let (status, first) = system
+        .send("alice", with_id(conversation, "m-1", "first"))
+        .await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(first["idempotentHit"], false);
+    message_id(&first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_window_a_reused_key_is_not_stored_and_its_sender_is_told_rejected() {
+    let _turn = CONFLICT_TESTS.lock().await;
+    let system = System::start().await;
+    shorten_duplicate_window(&system).await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+    let mut bob = connect(&system, &system.base, "bob").await;
+    let (recorded, met_again) = conflict_counts(&system).await;
+
+    let original = send_first(&system, conversation).await;
+    let sent = next_of(&mut alice, "message.state.changed").await;
+    assert_eq!(
+        (sent["messageId"].as_str(), sent["state"].as_str()),
+        (Some(original.to_string().as_str()), Some("sent"))
+    );
+
+    // Past the window the stream takes the reuse as a new message: 202, an id of its own.
+    let reuse =
+        send_past_the_window(&system, "alice", &with_id(conversation, "m-1", "second")).await;
+    let refused = message_id(&reuse);
+    assert_ne!(refused, original);
+
+    // The consumers refuse it and tell the sender.
+    let change = next_of(&mut alice, "message.state.changed").await;
+    assert_eq!(change["messageId"], refused.to_string());
+    assert_eq!(change["conversationId"], conversation.to_string());
+    assert_rejected(&change, original);
+    wait_for_conflict_counts(&system, (recorded + 1, met_again)).await;
+
+    // The status route says so to the sender, and to nobody else.
+    let (status, answer) = status_of(&system, "alice", refused).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_rejected(&answer, original);
+    assert_eq!(status_of(&system, "bob", refused).await.0, 404);
+    let (_, answer) = status_of(&system, "alice", original).await;
+    assert_eq!(
+        (answer["state"].as_str(), answer["seq"].as_i64()),
+        (Some("sent"), Some(1))
+    );
+
+    // Not stored, and it took no seq: the next message is seq 2, and bob never saw the reuse.
+    assert_eq!(rejection_rows(&system, refused).await, 1);
+    let (status, next) = system.send("alice", text(conversation, "next")).await;
+    assert_eq!(status, 202, "{next}");
+    let seen: Vec<(Value, Value)> = [
+        next_of(&mut bob, "message.new").await,
+        next_of(&mut bob, "message.new").await,
+    ]
+    .iter()
+    .map(|frame| {
+        (
+            frame["message"]["content"].clone(),
+            frame["message"]["seq"].clone(),
+        )
+    })
+    .collect();
+    assert_eq!(
+        seen,
+        vec![(json!("first"), json!(1)), (json!("next"), json!(2))]
+    );
+    assert_eq!(system.message_count().await, 2);
+    assert_eq!(assert_gap_free_in_acceptance_order(&system.pool).await, 2);
+    assert_eq!(
+        stored(&system, original).await,
+        Some((conversation, "first".to_string()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_that_waits_out_a_consumer_restart_is_rejected_exactly_once() {
+    let _turn = CONFLICT_TESTS.lock().await;
+    let mut system = System::start().await;
+    shorten_duplicate_window(&system).await;
+    let conversation = system.conversation("alice", "direct", &["bob"]).await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+    let (recorded, met_again) = conflict_counts(&system).await;
+
+    let original = send_first(&system, conversation).await;
+    assert_eq!(
+        system.wait_for_messages(1, Duration::from_secs(20)).await,
+        1
+    );
+
+    // The reuse arrives while the consumers are stopped: accepted, pending in the stream.
+    system.stop_consumers().await;
+    let reuse_body = with_id(conversation, "m-1", "second");
+    let reuse = send_past_the_window(&system, "alice", &reuse_body).await;
+    let refused = message_id(&reuse);
+    let (_, pending) = status_of(&system, "alice", refused).await;
+    assert_eq!(pending["state"], "pending", "{pending}");
+
+    // Back, the consumers refuse it and the sender hears it once.
+    system.start_consumers().await;
+    let changes = state_changes(&mut alice, 2, QUIET).await;
+    assert_eq!(
+        changes,
+        vec![
+            state_change(original, "sent"),
+            state_change(refused, "rejected")
+        ]
+    );
+    wait_for_conflict_counts(&system, (recorded + 1, met_again)).await;
+    assert_rejected(&status_of(&system, "alice", refused).await.1, original);
+
+    // The same request once more past its own window reaches the consumers again: known as
+    // rejected already, so nothing is recorded or told twice.
+    let again = send_past_the_window(&system, "alice", &reuse_body).await;
+    assert_eq!(message_id(&again), refused);
+    wait_for_conflict_counts(&system, (recorded + 1, met_again + 1)).await;
+    assert_eq!(state_changes(&mut alice, 0, QUIET).await, vec![]);
+    assert_eq!(rejection_rows(&system, refused).await, 1);
+    assert_eq!(system.message_count().await, 1);
+    assert_eq!(assert_gap_free_in_acceptance_order(&system.pool).await, 1);
 }

@@ -3,7 +3,10 @@
 //! For every newly stored message (never a duplicate: a replay is told nothing twice), each
 //! recipient gets `message.new` and the sender gets `message.state.changed` (`sent`, with the
 //! seq), published on NATS core to `deliver.user.<id>`, where the socket nodes holding the
-//! user's WebSockets listen.
+//! user's WebSockets listen. For every newly recorded rejection (a key reused for a different
+//! request after the stream's window, see [`crate::persist`]) only the sender is told:
+//! `message.state.changed` with `rejected` and the reason; the status route says the same,
+//! durably, for a sender who was not connected.
 //!
 //! Live delivery is best effort by design; what makes it complete is catch-up: a client that
 //! (re)connects subscribes first and then asks for everything after its last seq (`sync`), so
@@ -27,10 +30,12 @@ use hotpath_core::envelope::Envelope;
 use hotpath_core::events::{DeliveredMessage, Event, MessageState};
 use hotpath_core::names::deliver_subject;
 use hotpath_core::presence::Presence;
+use hotpath_core::rejection::Rejection;
 use moka::future::Cache;
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::metrics::DeliveryMetrics;
+use crate::persist;
 
 /// Batches waiting for fanout per partition before further ones are dropped.
 const QUEUE: usize = 64;
@@ -42,22 +47,56 @@ const LOOKUP_CONCURRENCY: usize = 32;
 /// buffer is full, i.e. NATS is unreachable).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A message as persisted: its envelope and the seq it was given.
-pub struct Persisted {
-    pub envelope: Envelope,
-    pub seq: i64,
+/// What a settled batch tells connected users about one of its messages.
+pub enum Told {
+    /// Newly stored with this seq: `message.new` to the recipients, `sent` to the sender.
+    Persisted { envelope: Envelope, seq: i64 },
+    /// Refused for good, its rejection newly recorded: `rejected` to the sender.
+    Rejected {
+        envelope: Envelope,
+        reason: Rejection,
+    },
 }
 
-/// Where a partition worker hands persisted batches; never waits.
+/// What to tell of a settled batch, in stream (= seq) order: the newly stored messages and
+/// the newly recorded rejections (`envelope_of` finds a row's envelope by its batch index).
+pub fn told<'a>(
+    outcome: &persist::Outcome,
+    envelope_of: impl Fn(usize) -> &'a Envelope,
+) -> Vec<Told> {
+    let mut told: Vec<(usize, Told)> = outcome
+        .inserted
+        .iter()
+        .map(|(&index, &seq)| {
+            let envelope = envelope_of(index).clone();
+            (index, Told::Persisted { envelope, seq })
+        })
+        .chain(
+            outcome
+                .conflicts
+                .iter()
+                .filter(|conflict| conflict.recorded_now)
+                .map(|conflict| {
+                    let envelope = envelope_of(conflict.index).clone();
+                    let reason = conflict.rejection();
+                    (conflict.index, Told::Rejected { envelope, reason })
+                }),
+        )
+        .collect();
+    told.sort_unstable_by_key(|(index, _)| *index);
+    told.into_iter().map(|(_, told)| told).collect()
+}
+
+/// Where a partition worker hands settled batches; never waits.
 #[derive(Clone)]
 pub struct FanoutQueue {
     partition: u32,
-    batches: mpsc::Sender<Vec<Persisted>>,
+    batches: mpsc::Sender<Vec<Told>>,
     metrics: DeliveryMetrics,
 }
 
 impl FanoutQueue {
-    pub fn hand_off(&self, batch: Vec<Persisted>) {
+    pub fn hand_off(&self, batch: Vec<Told>) {
         if batch.is_empty() {
             return;
         }
@@ -122,7 +161,7 @@ pub fn spawn(
     presence: PresenceLookup,
     metrics: DeliveryMetrics,
 ) -> FanoutQueue {
-    let (batches, mut receiver) = mpsc::channel(QUEUE);
+    let (batches, mut receiver) = mpsc::channel::<Vec<Told>>(QUEUE);
     let fanout = Fanout {
         partition,
         nats,
@@ -132,8 +171,11 @@ pub fn spawn(
     tokio::spawn(async move {
         while let Some(batch) = receiver.recv().await {
             let started = Instant::now();
-            for persisted in &batch {
-                fanout.message(persisted).await;
+            for item in &batch {
+                match item {
+                    Told::Persisted { envelope, seq } => fanout.message(envelope, *seq).await,
+                    Told::Rejected { envelope, reason } => fanout.rejected(envelope, reason).await,
+                }
             }
             fanout
                 .metrics
@@ -155,14 +197,13 @@ struct Fanout {
 }
 
 impl Fanout {
-    async fn message(&self, persisted: &Persisted) {
-        let envelope = &persisted.envelope;
+    async fn message(&self, envelope: &Envelope, seq: i64) {
         let new = Bytes::from(
             Event::MessageNew {
                 message: DeliveredMessage {
                     message_id: envelope.message_id,
                     conversation_id: envelope.conversation_id,
-                    seq: persisted.seq,
+                    seq,
                     sender_id: envelope.sender_id.clone(),
                     content: envelope.content.clone(),
                     content_type: envelope.content_type.clone(),
@@ -222,7 +263,21 @@ impl Fanout {
             message_id: envelope.message_id,
             conversation_id: envelope.conversation_id,
             state: MessageState::Sent,
-            seq: persisted.seq,
+            seq: Some(seq),
+            reason: None,
+        };
+        self.publish(&envelope.sender_id, Bytes::from(state.to_json()))
+            .await;
+    }
+
+    /// Tells the sender that a message it was told was accepted will never be stored.
+    async fn rejected(&self, envelope: &Envelope, reason: &Rejection) {
+        let state = Event::StateChanged {
+            message_id: envelope.message_id,
+            conversation_id: envelope.conversation_id,
+            state: MessageState::Rejected,
+            seq: None,
+            reason: Some(reason.reason()),
         };
         self.publish(&envelope.sender_id, Bytes::from(state.to_json()))
             .await;

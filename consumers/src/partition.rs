@@ -46,7 +46,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::dlq::{self, DeadLetter};
-use crate::fanout::{FanoutQueue, Persisted};
+use crate::fanout::{self, FanoutQueue};
 use crate::fetch;
 use crate::lease::Fence;
 use crate::metrics::DeliveryMetrics;
@@ -312,11 +312,12 @@ impl PartitionWorker {
         }
     }
 
-    /// Schedules pushes for what is stored, then acknowledges it; sets aside what can never
-    /// be stored; then hands the newly stored messages, in stream (= seq) order, to fanout
-    /// without waiting on it. Duplicates are not fanned out again: they were when first
-    /// stored. Their pushes are scheduled again, because the batch that stored them may have
-    /// died before scheduling; the tasks' message ids make that harmless.
+    /// Schedules pushes for what is stored, then acknowledges it, and the conflicts whose
+    /// rejection is recorded; sets aside what can never be stored; then hands the newly stored
+    /// messages and newly recorded rejections, in stream (= seq) order, to fanout without
+    /// waiting on it. Duplicates are not fanned out again: they were when first stored. Their
+    /// pushes are scheduled again, because the batch that stored them may have died before
+    /// scheduling; the tasks' message ids make that harmless.
     async fn settle(&self, slice: &[Item], outcome: persist::Outcome) {
         let started = Instant::now();
         let stored: Vec<&Envelope> = outcome
@@ -341,7 +342,11 @@ impl PartitionWorker {
                 .record(waited.max(0.0), &[]);
             self.ack(&item.message).await;
         }
-        for index in &outcome.duplicates {
+        for index in outcome
+            .duplicates
+            .iter()
+            .chain(outcome.conflicts.iter().map(|c| &c.index))
+        {
             self.ack(&slice[*index].message).await;
         }
         for index in &outcome.orphans {
@@ -350,36 +355,34 @@ impl PartitionWorker {
         }
         let inserted = outcome.inserted.len() as u64;
         let duplicates = outcome.duplicates.len() as u64;
-        let count = |n: u64, hit: &'static str| {
+        let count = |n: u64, status: &'static str, hit: &'static str| {
             if n > 0 {
                 self.metrics.persist_total.add(
                     n,
                     &[
-                        KeyValue::new("status", "success"),
+                        KeyValue::new("status", status),
                         KeyValue::new("idempotent_hit", hit),
                     ],
                 );
             }
         };
-        count(inserted, "false");
-        count(duplicates, "true");
+        count(inserted, "success", "false");
+        count(duplicates, "success", "true");
+        // Conflicts are not stored; `idempotent_hit`: an earlier delivery recorded the rejection.
+        let rejected_now = outcome.conflicts.iter().filter(|c| c.recorded_now).count() as u64;
+        let conflicts = outcome.conflicts.len() as u64;
+        count(rejected_now, "conflict", "false");
+        count(conflicts - rejected_now, "conflict", "true");
         self.metrics
             .processed(self.partition, "success", inserted + duplicates);
+        self.metrics
+            .processed(self.partition, "rejected", conflicts);
         self.metrics
             .step("ack", started.elapsed().as_secs_f64() * 1000.0);
 
         self.invalidate_history(slice, &outcome).await;
-        let mut fresh: Vec<(usize, i64)> = outcome.inserted.into_iter().collect();
-        fresh.sort_unstable();
-        self.fanout.hand_off(
-            fresh
-                .into_iter()
-                .map(|(index, seq)| Persisted {
-                    envelope: slice[index].envelope.clone(),
-                    seq,
-                })
-                .collect(),
-        );
+        self.fanout
+            .hand_off(fanout::told(&outcome, |index| &slice[index].envelope));
     }
 
     /// Tells the gateways that these conversations have new messages, so cached history pages

@@ -6,11 +6,20 @@
 //! `last_seq`, inserts them from `UNNEST` arrays with `ON CONFLICT (idempotency_key) DO
 //! NOTHING`, and bumps `last_seq`. A key that is already stored never consumes a seq, so seq is
 //! gap-free and follows the stream's (acceptance) order.
+//!
+//! A key already stored is usually a redelivery or a replay, but past the stream's duplicate
+//! window it may also be a client reusing the key for a different request, which the gateway
+//! could no longer refuse and answered 202 (ADR 0005). The same statement tells the two apart
+//! by request digest: a row whose key names a message (stored, or first in this batch) with a
+//! different digest is a conflict. It is not stored and takes no seq; its rejection is
+//! recorded in `message_rejections`, in this transaction and keyed by its own message id, so a
+//! redelivered conflict is recognised as already rejected and its sender is told once.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use hotpath_core::envelope::Envelope;
+use hotpath_core::rejection::Rejection;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -31,6 +40,28 @@ pub struct Outcome {
     pub duplicates: Vec<usize>,
     /// Rows whose conversation does not exist: they can never be stored.
     pub orphans: Vec<usize>,
+    /// Rows that reuse a stored key for a different request: never stored.
+    pub conflicts: Vec<Conflict>,
+}
+
+/// A row refused because its key already names a different message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict {
+    pub index: usize,
+    /// The message the key names.
+    pub original_message_id: Uuid,
+    /// True when this transaction recorded the rejection; false when an earlier delivery of
+    /// the same message already had (its sender was told then).
+    pub recorded_now: bool,
+}
+
+impl Conflict {
+    /// What the sender is told, and the status route says.
+    pub fn rejection(&self) -> Rejection {
+        Rejection::IdempotencyKeyReused {
+            original_message_id: self.original_message_id,
+        }
+    }
 }
 
 const INSERT_BATCH: &str = r#"
@@ -49,6 +80,30 @@ fresh AS (
      WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.idempotency_key = i.idempotency_key)
      ORDER BY i.idempotency_key, i.stream_seq
 ),
+-- The message each key of the batch names: the stored one, or the first of a new key's rows.
+named AS (
+    SELECT m.idempotency_key, m.id, m.request_digest
+      FROM messages m
+     WHERE m.idempotency_key IN (SELECT idempotency_key FROM input)
+    UNION ALL
+    SELECT f.idempotency_key, f.id, f.request_digest FROM fresh f
+),
+-- Rows that reuse a key for a different request (a NULL digest on either side never differs).
+conflicts AS (
+    SELECT i.*, n.id AS original_id
+      FROM input i
+      JOIN named n ON n.idempotency_key = i.idempotency_key
+     WHERE i.request_digest <> n.request_digest
+),
+rejected AS (
+    INSERT INTO message_rejections (message_id, conversation_id, sender_id, correlation_id,
+                                    idempotency_key, reason, original_message_id, accepted_at)
+    SELECT id, conversation_id, sender_id, correlation_id, idempotency_key, $15::text,
+           original_id, accepted_at
+      FROM conflicts
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id
+),
 numbered AS (
     SELECT f.*,
            c.last_seq + row_number() OVER (PARTITION BY f.conversation_id ORDER BY f.stream_seq) AS seq
@@ -65,7 +120,7 @@ inserted AS (
            request_digest
       FROM numbered
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING idempotency_key, conversation_id, seq
+    RETURNING id, idempotency_key, conversation_id, seq
 ),
 bumped AS (
     UPDATE conversations c
@@ -73,8 +128,24 @@ bumped AS (
       FROM (SELECT conversation_id, max(seq) AS max_seq FROM inserted GROUP BY conversation_id) b
      WHERE c.id = b.conversation_id
 )
-SELECT idempotency_key, seq FROM inserted
+SELECT idempotency_key, id AS message_id, seq, NULL::uuid AS original_id, false AS recorded
+  FROM inserted
+UNION ALL
+SELECT DISTINCT c.idempotency_key, c.id, NULL::int8, c.original_id,
+       c.id IN (SELECT message_id FROM rejected)
+  FROM conflicts c
 "#;
+
+/// A row of the statement's answer: a stored message with its seq, or a conflict with the
+/// message its key names and whether its rejection was recorded now.
+#[derive(sqlx::FromRow)]
+struct Answer {
+    idempotency_key: String,
+    message_id: Uuid,
+    seq: Option<i64>,
+    original_id: Option<Uuid>,
+    recorded: bool,
+}
 
 /// Stores `rows` in one transaction. An `Err` leaves nothing behind.
 pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::Error> {
@@ -105,7 +176,11 @@ pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::E
     }
 
     let columns = Columns::from_rows(rows, &storable);
-    let stored: Vec<(String, i64)> = sqlx::query_as(INSERT_BATCH)
+    let reason = Rejection::IdempotencyKeyReused {
+        original_message_id: Uuid::nil(),
+    }
+    .code();
+    let answers: Vec<Answer> = sqlx::query_as(INSERT_BATCH)
         .bind(&columns.ids)
         .bind(&columns.conversation_ids)
         .bind(&columns.sender_ids)
@@ -120,14 +195,40 @@ pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::E
         .bind(&columns.stream_seqs)
         .bind(&columns.accepted_at)
         .bind(&columns.request_digests)
+        .bind(reason)
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;
 
-    let seq_by_key: HashMap<String, i64> = stored.into_iter().collect();
+    let mut seq_by_key: HashMap<String, i64> = HashMap::new();
+    let mut conflict_by_id: HashMap<Uuid, (Uuid, bool)> = HashMap::new();
+    for answer in answers {
+        // Each answer has a seq (stored) or an original (a conflict), never both.
+        match (answer.seq, answer.original_id) {
+            (Some(seq), _) => {
+                seq_by_key.insert(answer.idempotency_key, seq);
+            }
+            (None, Some(original)) => {
+                conflict_by_id.insert(answer.message_id, (original, answer.recorded));
+            }
+            (None, None) => {}
+        }
+    }
     let mut first_of_key: HashSet<&str> = HashSet::new();
+    let mut first_of_conflict: HashSet<Uuid> = HashSet::new();
     for index in storable {
-        let key = rows[index].envelope.idempotency_key.as_str();
+        let envelope = rows[index].envelope;
+        if let Some(&(original_message_id, recorded)) = conflict_by_id.get(&envelope.message_id) {
+            // A conflict twice in one batch is recorded once; the second copy was not.
+            let recorded_now = recorded && first_of_conflict.insert(envelope.message_id);
+            outcome.conflicts.push(Conflict {
+                index,
+                original_message_id,
+                recorded_now,
+            });
+            continue;
+        }
+        let key = envelope.idempotency_key.as_str();
         match seq_by_key.get(key) {
             // A key twice in one batch is stored once; the second copy is a duplicate.
             Some(seq) if first_of_key.insert(key) => {

@@ -241,7 +241,8 @@ impl ReceiptsWorker {
                         message_id: receipt.message_id,
                         conversation_id,
                         state,
-                        seq,
+                        seq: Some(seq),
+                        reason: None,
                     };
                     self.publish(&sender_id, Bytes::from(event.to_json())).await;
                 }

@@ -18,13 +18,18 @@ pub enum Event {
     #[serde(rename = "message.new")]
     MessageNew { message: DeliveredMessage },
     /// A message the user sent moved on (`sent`: persisted, with its seq; `delivered` / `read`:
-    /// the first recipient's receipt of that kind was recorded, see `docs/websocket.md`).
+    /// the first recipient's receipt of that kind was recorded; `rejected`: it will never be
+    /// stored, with no seq and the reason why; see `docs/websocket.md`).
     #[serde(rename = "message.state.changed")]
     StateChanged {
         message_id: Uuid,
         conversation_id: Uuid,
         state: MessageState,
-        seq: i64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<i64>,
+        /// `{code, message, details}` as in an error body: only for `rejected`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<Value>,
     },
 }
 
@@ -34,6 +39,9 @@ pub enum MessageState {
     Sent,
     Delivered,
     Read,
+    /// Accepted (202) but refused for good by the consumers: its key already named a different
+    /// message (ADR 0005).
+    Rejected,
 }
 
 impl MessageState {
@@ -42,6 +50,7 @@ impl MessageState {
             MessageState::Sent => "sent",
             MessageState::Delivered => "delivered",
             MessageState::Read => "read",
+            MessageState::Rejected => "rejected",
         }
     }
 }
@@ -81,12 +90,25 @@ mod tests {
             message_id: id,
             conversation_id: id,
             state: MessageState::Sent,
-            seq: 7,
+            seq: Some(7),
+            reason: None,
         };
         assert_eq!(
             serde_json::to_value(&state).unwrap(),
             json!({"type": "message.state.changed", "messageId": id, "conversationId": id,
                    "state": "sent", "seq": 7})
+        );
+        let rejected = Event::StateChanged {
+            message_id: id,
+            conversation_id: id,
+            state: MessageState::Rejected,
+            seq: None,
+            reason: Some(json!({"code": "IDEMPOTENCY_KEY_REUSED"})),
+        };
+        assert_eq!(
+            serde_json::to_value(&rejected).unwrap(),
+            json!({"type": "message.state.changed", "messageId": id, "conversationId": id,
+                   "state": "rejected", "reason": {"code": "IDEMPOTENCY_KEY_REUSED"}})
         );
         let new = Event::MessageNew {
             message: DeliveredMessage {

@@ -22,13 +22,20 @@ pub struct MessageStatus {
     pub conversation_id: Uuid,
     pub sender_id: String,
     /// `pending` (accepted, in the stream) or `sent` (persisted); for the sender, `delivered` /
-    /// `read` once any recipient reached that state (the furthest state any recipient reached).
+    /// `read` once any recipient reached that state (the furthest state any recipient reached),
+    /// or `rejected` (accepted, then refused for good: see `reason`).
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
     pub accepted_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub persisted_at: Option<DateTime<Utc>>,
+    /// When a `rejected` message was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_at: Option<DateTime<Utc>>,
+    /// Why a message is `rejected`: `{code, message, details}` as in an error body.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Value>,
     /// Per-recipient receipts: only for the sender, and only once the message is persisted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recipients: Option<Vec<RecipientStatus>>,
@@ -78,6 +85,51 @@ async fn recipients(state: &AppState, message_id: Uuid) -> Result<Vec<RecipientS
         .collect())
 }
 
+/// A message refused after it was accepted (`message_rejections`).
+#[derive(sqlx::FromRow)]
+struct RejectedMessage {
+    conversation_id: Uuid,
+    sender_id: String,
+    original_message_id: Uuid,
+    accepted_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+}
+
+impl RejectedMessage {
+    fn status(self, message_id: Uuid) -> MessageStatus {
+        // `message_rejections.reason` has one possible value (its CHECK): a reused key.
+        let reason = Rejection::IdempotencyKeyReused {
+            original_message_id: self.original_message_id,
+        };
+        MessageStatus {
+            message_id,
+            conversation_id: self.conversation_id,
+            sender_id: self.sender_id,
+            state: "rejected",
+            seq: None,
+            accepted_at: self.accepted_at,
+            persisted_at: None,
+            rejected_at: Some(self.created_at),
+            reason: Some(reason.reason()),
+            recipients: None,
+        }
+    }
+}
+
+async fn rejected(
+    state: &AppState,
+    message_id: Uuid,
+) -> Result<Option<RejectedMessage>, Rejection> {
+    sqlx::query_as(
+        "SELECT conversation_id, sender_id, original_message_id, accepted_at, created_at
+           FROM message_rejections WHERE message_id = $1",
+    )
+    .bind(message_id)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(db_error)
+}
+
 #[derive(sqlx::FromRow)]
 struct StoredMessage {
     conversation_id: Uuid,
@@ -88,10 +140,11 @@ struct StoredMessage {
 }
 
 /// The message's state: `sent` with its seq once persisted, `pending` while it is only in the
-/// stream. For the sender, a persisted message also lists its recipients with their receipts,
-/// and its state is the furthest any recipient reached (`delivered`, `read`). Only the sender
-/// or a member of the conversation may see it; to anyone else it does
-/// not exist (404), so ids cannot be probed.
+/// stream, `rejected` with the reason if the consumers refused it. For the sender, a persisted
+/// message also lists its recipients with their receipts, and its state is the furthest any
+/// recipient reached (`delivered`, `read`). Only the sender or a member of the conversation
+/// may see it, and only the sender a rejected one (nobody else ever saw it); to anyone else it
+/// does not exist (404), so ids cannot be probed.
 pub async fn status(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -120,9 +173,18 @@ pub async fn status(
             seq: Some(stored.seq),
             accepted_at: stored.accepted_at,
             persisted_at: Some(stored.persisted_at),
+            rejected_at: None,
+            reason: None,
             recipients: None,
         },
         None => {
+            // Refused after it was accepted: nobody but its sender ever knew of it.
+            if let Some(refused) = rejected(&state, message_id).await? {
+                if refused.sender_id != user_id {
+                    return Err(not_found().into());
+                }
+                return Ok(Json(refused.status(message_id)));
+            }
             let accepted = state
                 .recently_accepted
                 .get(&message_id)
@@ -136,6 +198,8 @@ pub async fn status(
                 seq: None,
                 accepted_at: accepted.accepted_at,
                 persisted_at: None,
+                rejected_at: None,
+                reason: None,
                 recipients: None,
             }
         }
