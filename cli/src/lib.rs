@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod dlq;
 pub mod policy;
+pub mod replay;
 pub mod roles;
 pub mod up;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use hotpath::{bench, dlq, policy, roles, up};
+use hotpath::{bench, dlq, policy, replay, roles, up};
 use hotpath_core::auth;
 use hotpath_core::config::Config;
 use tokio::task::JoinHandle;
@@ -62,6 +62,17 @@ enum Command {
         #[arg(long, env = "HOTPATH_NATS_URL", global = true)]
         nats_url: Option<String>,
         #[arg(long, default_value = ".hotpath", global = true)]
+        data_dir: PathBuf,
+    },
+    /// Send persisted messages from the replay window (`REPLAY`) through the pipeline again
+    /// (into `MESSAGES`); what is already in Postgres is only acknowledged.
+    Replay {
+        #[command(flatten)]
+        args: replay::ReplayArgs,
+        /// NATS URL (default: from `hotpath up`'s data directory, else nats://127.0.0.1:4222).
+        #[arg(long, env = "HOTPATH_NATS_URL")]
+        nats_url: Option<String>,
+        #[arg(long, default_value = ".hotpath")]
         data_dir: PathBuf,
     },
     /// Apply the database migrations and the stream definitions, then exit.
@@ -143,6 +154,11 @@ async fn main() -> anyhow::Result<()> {
             nats_url,
             data_dir,
         } => dlq::run(command, policy::nats_url(nats_url, &data_dir)).await,
+        Command::Replay {
+            args,
+            nats_url,
+            data_dir,
+        } => replay::run(args, policy::nats_url(nats_url, &data_dir)).await,
         Command::Migrate { config } => roles::prepare(&config).await,
         Command::Token {
             user_id,

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub async fn prepare(config: &Config) -> anyhow::Result<()> {
     let nats = streams::connect(&config.nats_url, "hotpath-setup").await?;
     let js = jetstream::new(nats);
-    streams::ensure_streams(&js, config.partitions).await?;
+    streams::ensure_streams(&js, config).await?;
     install_shipped_policies(&js, &config.policy_dir).await?;
     let pool = db::connect(&config.database_url, 2).await?;
     db::migrate(&pool).await?;

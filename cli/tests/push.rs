@@ -537,16 +537,30 @@ async fn a_delivery_batch_processed_again_schedules_no_second_push() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // The whole stream is processed again, as after a consumer that died before its acks:
-    // every message is found stored and its push scheduled again, and JetStream drops the
-    // copies by their message ids.
-    system.stop_consumers().await;
-    for partition in 0..system.config.partitions {
-        hotpath_core::streams::rewind_delivery_consumer(&js, partition, &system.config, 0)
-            .await
-            .expect("rewind");
+    // Every message is processed again, as after a consumer that died before its acks: the
+    // whole replay window goes through MESSAGES once more (`hotpath replay`), every message is
+    // found stored and its push scheduled again, and JetStream drops the copies by their
+    // message ids.
+    let mut window = js.get_stream("REPLAY").await.expect("REPLAY");
+    let deadline = Instant::now() + PATIENCE;
+    while window.info().await.expect("info").state.messages < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the replay window holds the three messages"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    system.start_consumers().await;
+    let replayed = hotpath::replay::replay(
+        &js,
+        &hotpath::replay::Selection {
+            from: hotpath::replay::From::Sequence(1),
+            partition: None,
+            limit: None,
+        },
+    )
+    .await
+    .expect("replay");
+    assert_eq!(replayed.messages, 3, "the whole window is replayed");
     let partition =
         hotpath_core::names::partition_of(&conversation.to_string(), system.config.partitions);
     let mut messages = js.get_stream("MESSAGES").await.expect("MESSAGES");

@@ -6,6 +6,7 @@
 //! [`partition::PartitionWorker`]; for each another process holds, it stands by
 //! ([`holdings`] says which is which, for readiness). It also reports consumer lag.
 //! [`persist`] holds the single-statement batch insert that makes replays harmless;
+//! [`replay_window`] copies what was persisted into `REPLAY` before it leaves the backlog;
 //! [`fanout`] publishes what was persisted to the recipients' socket nodes. Beside them runs
 //! one [`receipts::ReceiptsWorker`] on the shared `receipts` consumer, recording delivered/read
 //! receipts and telling senders.
@@ -20,6 +21,7 @@ pub mod partition;
 pub mod persist;
 pub mod push;
 pub mod receipts;
+pub mod replay_window;
 
 use std::time::Duration;
 
@@ -62,6 +64,7 @@ pub async fn run(
         let (push, shutdown) = (push.clone(), shutdown.clone());
         tokio::spawn(async move { push.listen_for_device_changes(shutdown).await });
     }
+    let replay = replay_window::ReplayWindow::new(js.clone(), metrics.clone());
     let partitions = config.owned_partitions();
     if let Some(problem) = config.owns_nothing_because() {
         tracing::error!(
@@ -126,6 +129,7 @@ pub async fn run(
                 metrics: metrics.clone(),
                 fanout: fanout::spawn(partition, nats.clone(), presence.clone(), metrics.clone()),
                 push: push.clone(),
+                replay: replay.clone(),
             };
             workers.spawn(lease::keep(
                 partition,
@@ -194,6 +198,7 @@ struct PartitionWork {
     metrics: DeliveryMetrics,
     fanout: fanout::FanoutQueue,
     push: push::schedule::PushScheduler,
+    replay: replay_window::ReplayWindow,
 }
 
 impl PartitionWork {
@@ -218,6 +223,7 @@ impl PartitionWork {
             metrics: self.metrics,
             fanout: self.fanout,
             push: self.push,
+            replay: self.replay,
             fence: fence.clone(),
         };
         worker.run(fence.token()).await;

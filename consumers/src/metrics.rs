@@ -24,6 +24,7 @@ pub struct DeliveryMetrics {
     pub push_sent_total: Counter<u64>,
     pub push_failed_total: Counter<u64>,
     pub push_breaker_open: Gauge<u64>,
+    pub replay_copy_failed_total: Counter<u64>,
 }
 
 impl DeliveryMetrics {
@@ -116,6 +117,13 @@ impl DeliveryMetrics {
                 .u64_gauge("delivery_push_breaker_open")
                 .with_description("1 while a platform's circuit breaker holds its pushes back")
                 .build(),
+            replay_copy_failed_total: meter
+                .u64_counter("delivery_replay_copy_failed_total")
+                .with_description(
+                    "Persisted messages not copied into the replay window, by reason \
+                     (rejected, timeout); the messages themselves are safe in Postgres",
+                )
+                .build(),
         }
     }
 
@@ -156,6 +164,13 @@ impl DeliveryMetrics {
     pub fn push_failed(&self, reason: &'static str, count: u64) {
         if count > 0 {
             self.push_failed_total
+                .add(count, &[KeyValue::new("reason", reason)]);
+        }
+    }
+
+    pub fn replay_copy_failed(&self, reason: &'static str, count: u64) {
+        if count > 0 {
+            self.replay_copy_failed_total
                 .add(count, &[KeyValue::new("reason", reason)]);
         }
     }

@@ -1,5 +1,11 @@
-//! One partition's delivery worker: fetch a batch, persist it, acknowledge it, hand what was
-//! new to fanout (which runs on its own task, see [`crate::fanout`]), repeat.
+//! One partition's delivery worker: fetch a batch, persist it, schedule its pushes, copy it
+//! into the replay window, acknowledge it, hand what was new to fanout (which runs on its own
+//! task, see [`crate::fanout`]), repeat.
+//!
+//! `MESSAGES` is a work queue (ADR 0004): the acknowledgement removes a message from the
+//! stream, so it comes only after the message is in Postgres; what the stream holds is the
+//! backlog. The persisted message lives on in the replay window (`REPLAY`, see
+//! [`crate::replay_window`]).
 //!
 //! Exactly one batch is in flight per partition, and the next is fetched only after the
 //! previous one is settled, so the stream's order is the persist order. (The consumer's
@@ -10,8 +16,11 @@
 //! unacknowledged; JetStream would redeliver them only after the ack wait, behind newer
 //! messages. So before it fetches, a worker that may follow such a loss (every new worker, and
 //! any after a failed fetch) checks the consumer: if anything is still unacknowledged, it
-//! rewinds the consumer to just after its ack floor and reads on from there in stream order.
-//! What was already stored comes back as a duplicate and is only acknowledged.
+//! rewinds the consumer: deletes it and creates it again with `deliver_policy: all`. In a work
+//! queue deleting a consumer leaves its unacknowledged messages in the stream, and `all` starts
+//! at the first message still stored, which is the first one not acknowledged; so the worker
+//! reads on from there in stream order. What was already stored comes back as a duplicate and
+//! is only acknowledged.
 //!
 //! A worker runs only while its process holds the partition's lease (see [`crate::lease`]),
 //! and checks the lease's fence before each fetch and before a rewind, the two things that
@@ -52,6 +61,7 @@ use crate::lease::Fence;
 use crate::metrics::DeliveryMetrics;
 use crate::persist::{self, Row};
 use crate::push::schedule::PushScheduler;
+use crate::replay_window::{self, ReplayWindow};
 
 pub struct PartitionWorker {
     pub partition: u32,
@@ -71,6 +81,8 @@ pub struct PartitionWorker {
     pub push: PushScheduler,
     /// The partition's lease: checked before the consumer is touched.
     pub fence: Fence,
+    /// Copies persisted messages into `REPLAY` before a batch is acknowledged.
+    pub replay: ReplayWindow,
 }
 
 /// A fetched message whose envelope could be read.
@@ -146,8 +158,8 @@ impl PartitionWorker {
     }
 
     /// If messages are delivered but unacknowledged while this worker holds none, or the
-    /// worker has just `taken_over` the lease, rewinds the consumer to just after its ack floor
-    /// so they come back first and in order.
+    /// worker has just `taken_over` the lease, rewinds the consumer so that they come back
+    /// first and in order.
     async fn resync(&mut self, taken_over: bool) -> anyhow::Result<()> {
         let stream = self.js.get_stream(MESSAGES_STREAM).await?;
         let info = stream
@@ -163,17 +175,16 @@ impl PartitionWorker {
                 partition = self.partition,
                 unacknowledged = info.num_ack_pending,
                 ack_floor = floor,
-                "messages were left in hand; replaying from the ack floor to keep stream order"
+                "messages were left in hand; rewinding to the first unacknowledged one to keep stream order"
             );
         } else {
             tracing::info!(
                 partition = self.partition,
                 ack_floor = floor,
-                "new lease holder: recreating the consumer from its ack floor"
+                "new lease holder: recreating the consumer"
             );
         }
-        self.consumer =
-            rewind_delivery_consumer(&self.js, self.partition, &self.config, floor).await?;
+        self.consumer = rewind_delivery_consumer(&self.js, self.partition, &self.config).await?;
         Ok(())
     }
 
@@ -312,23 +323,37 @@ impl PartitionWorker {
         }
     }
 
-    /// Schedules pushes for what is stored, then acknowledges it, and the conflicts whose
-    /// rejection is recorded; sets aside what can never be stored; then hands the newly stored
-    /// messages and newly recorded rejections, in stream (= seq) order, to fanout without
-    /// waiting on it. Duplicates are not fanned out again: they were when first stored. Their
-    /// pushes are scheduled again, because the batch that stored them may have died before
-    /// scheduling; the tasks' message ids make that harmless.
+    /// Schedules pushes for what is stored and copies it into the replay window, then
+    /// acknowledges it, and the conflicts whose rejection is recorded; sets aside what can
+    /// never be stored; then hands the newly stored messages and newly recorded rejections, in
+    /// stream (= seq) order, to fanout without waiting on it. Duplicates are not fanned out
+    /// again: they were when first stored. Their pushes are scheduled and their copies made
+    /// again, because the batch that stored them may have died before doing so; the tasks' and
+    /// copies' message ids make that harmless.
     async fn settle(&self, slice: &[Item], outcome: persist::Outcome) {
         let started = Instant::now();
-        let stored: Vec<&Envelope> = outcome
+        let mut stored: Vec<usize> = outcome
             .inserted
             .keys()
             .chain(&outcome.duplicates)
-            .map(|&index| &slice[index].envelope)
+            .copied()
             .collect();
-        self.push.schedule(&stored).await;
+        stored.sort_unstable();
+        let envelopes: Vec<&Envelope> = stored.iter().map(|&i| &slice[i].envelope).collect();
+        self.push.schedule(&envelopes).await;
         self.metrics
             .step("push", started.elapsed().as_secs_f64() * 1000.0);
+        let started = Instant::now();
+        let copies = stored
+            .iter()
+            .map(|&i| replay_window::Copy {
+                idempotency_key: &slice[i].envelope.idempotency_key,
+                payload: slice[i].message.payload.clone(),
+            })
+            .collect();
+        self.replay.copy(self.partition, copies).await;
+        self.metrics
+            .step("replay", started.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
         let now = chrono::Utc::now();
         for index in outcome.inserted.keys() {

@@ -108,6 +108,31 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_PUBLISH_TIMEOUT_MS", default_value_t = 1000)]
     pub publish_timeout_ms: u64,
 
+    /// The backlog bound, in bytes: accepted messages not yet persisted (what the `MESSAGES`
+    /// work queue holds). When a gateway's estimate of it reaches this, sends are answered 503
+    /// `BACKLOG_FULL` with Retry-After before anything is published. The stream's own
+    /// `max_bytes` is twice this, so the gateways always refuse first.
+    #[arg(long, env = "HOTPATH_BACKLOG_MAX_BYTES", default_value_t = 1 << 30)]
+    pub backlog_max_bytes: u64,
+
+    /// The backlog bound, in messages (see `backlog_max_bytes`; the stream's `max_msgs` is
+    /// twice this).
+    #[arg(long, env = "HOTPATH_BACKLOG_MAX_MSGS", default_value_t = 1_000_000)]
+    pub backlog_max_msgs: u64,
+
+    /// How long the replay window (`REPLAY`) keeps a persisted message.
+    #[arg(long, env = "HOTPATH_REPLAY_MAX_AGE_SECS", default_value_t = 7 * 86_400)]
+    pub replay_max_age_secs: u64,
+
+    /// Bytes the replay window (`REPLAY`) keeps; past them the oldest messages are dropped.
+    #[arg(long, env = "HOTPATH_REPLAY_MAX_BYTES", default_value_t = 2 << 30)]
+    pub replay_max_bytes: u64,
+
+    /// Bytes of receipts waiting to be recorded (`RECEIPTS`, a work queue); past them a
+    /// receipt is answered with an error and the client sends it again later.
+    #[arg(long, env = "HOTPATH_RECEIPTS_MAX_BYTES", default_value_t = 512 << 20)]
+    pub receipts_max_bytes: u64,
+
     /// Messages fetched and persisted per batch.
     #[arg(long, env = "HOTPATH_BATCH_SIZE", default_value_t = 256)]
     pub batch_size: usize,
@@ -457,6 +482,16 @@ impl fmt::Display for Config {
             f,
             "batch_size={} ack_wait_secs={} poison_max_deliver={}",
             self.batch_size, self.ack_wait_secs, self.poison_max_deliver
+        )?;
+        writeln!(
+            f,
+            "backlog_max_bytes={} backlog_max_msgs={} replay_max_age_secs={} \
+             replay_max_bytes={} receipts_max_bytes={}",
+            self.backlog_max_bytes,
+            self.backlog_max_msgs,
+            self.replay_max_age_secs,
+            self.replay_max_bytes,
+            self.receipts_max_bytes
         )?;
         writeln!(f, "facts_ttl_secs={}", self.facts_ttl_secs)?;
         writeln!(f, "db_max_connections={}", self.db_max_connections)?;

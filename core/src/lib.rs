@@ -15,6 +15,7 @@ pub mod policy_store;
 pub mod presence;
 pub mod receipts;
 pub mod rejection;
+pub mod stream_copy;
 pub mod streams;
 pub mod telemetry;
 pub mod tls;

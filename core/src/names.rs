@@ -6,8 +6,12 @@
 
 use sha2::{Digest, Sha256};
 
-/// Stream holding every accepted message, one subject per partition.
+/// The backlog: accepted messages not yet persisted, one subject per partition. A work queue:
+/// a message leaves it when its delivery consumer acknowledges it, after it is in Postgres.
 pub const MESSAGES_STREAM: &str = "MESSAGES";
+/// The replay window: persisted messages, copied here by the delivery consumers, bounded by
+/// age and bytes (oldest dropped first). What `hotpath replay` and operators replay from.
+pub const REPLAY_STREAM: &str = "REPLAY";
 /// Stream holding what could never be processed, with the reason in headers.
 pub const DLQ_STREAM: &str = "DLQ";
 /// Stream holding delivered/read receipts from clients, one subject per partition.
@@ -37,6 +41,18 @@ pub const PARTITION_LEASES_BUCKET: &str = "PARTITION_LEASES";
 /// Subject a message of `partition` is published to.
 pub fn message_subject(partition: u32) -> String {
     format!("msgs.in.{partition}")
+}
+
+/// Subject of the replay window's copy of a persisted message of `partition`.
+pub fn replay_subject(partition: u32) -> String {
+    format!("replay.msgs.{partition}")
+}
+
+/// `Nats-Msg-Id` of a message re-published from the replay window: new to `MESSAGES`'s
+/// duplicate window (the original's key would be dropped as a duplicate within it), and the
+/// same for the same window entry, so a replay repeated within the window is stored once.
+pub fn replayed_msg_id(replay_seq: u64) -> String {
+    format!("replay:{REPLAY_STREAM}:{replay_seq}")
 }
 
 /// Subject a receipt for a message of a conversation in `partition` is published to.

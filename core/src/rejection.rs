@@ -82,6 +82,19 @@ pub enum Rejection {
         reason: String,
         retry_after_secs: u64,
     },
+    /// The backlog (accepted messages not yet persisted) has reached its bound: the consumers
+    /// are behind. Refused before anything is published, so nothing is lost; retrying later
+    /// with the same `clientMessageId` is safe.
+    #[error(
+        "the message backlog is full ({backlog_messages} messages, {backlog_bytes} bytes waiting to be persisted); retry later"
+    )]
+    BacklogFull {
+        backlog_bytes: u64,
+        backlog_messages: u64,
+        max_bytes: u64,
+        max_messages: u64,
+        retry_after_secs: u64,
+    },
     /// An unexpected failure while enqueueing.
     #[error("message could not be enqueued: {reason}")]
     EnqueueFailed { reason: String },
@@ -127,7 +140,9 @@ impl Rejection {
             Rejection::RateLimitExceeded { .. } => 429,
             Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => 500,
             Rejection::Policy { code, .. } => code.status(),
-            Rejection::EnqueueUnavailable { .. } | Rejection::ServiceUnavailable { .. } => 503,
+            Rejection::EnqueueUnavailable { .. }
+            | Rejection::BacklogFull { .. }
+            | Rejection::ServiceUnavailable { .. } => 503,
         }
     }
 
@@ -155,6 +170,7 @@ impl Rejection {
             Rejection::EnqueueUnavailable { .. } | Rejection::EnqueueFailed { .. } => {
                 "ENQUEUE_FAILED"
             }
+            Rejection::BacklogFull { .. } => "BACKLOG_FULL",
             Rejection::ServiceUnavailable { .. } => "SERVICE_UNAVAILABLE",
             Rejection::Internal { .. } => "INTERNAL_ERROR",
             Rejection::Policy { code, .. } => code.as_str(),
@@ -185,6 +201,7 @@ impl Rejection {
             Rejection::RateLimitExceeded { .. } => "rate_limit_exceeded",
             Rejection::EnqueueUnavailable { .. } => "enqueue_unavailable",
             Rejection::EnqueueFailed { .. } => "enqueue_failed",
+            Rejection::BacklogFull { .. } => "backlog_full",
             Rejection::ServiceUnavailable { .. } => "service_unavailable",
             Rejection::Internal { .. } => "internal_error",
             Rejection::Policy { code, .. } => code.telemetry_label(),
@@ -196,6 +213,9 @@ impl Rejection {
         match self {
             Rejection::RateLimitExceeded { retry_after_secs }
             | Rejection::EnqueueUnavailable {
+                retry_after_secs, ..
+            }
+            | Rejection::BacklogFull {
                 retry_after_secs, ..
             }
             | Rejection::ServiceUnavailable {
@@ -262,6 +282,19 @@ impl Rejection {
             } => {
                 json!({ "retryAfterSeconds": retry_after_secs })
             }
+            Rejection::BacklogFull {
+                backlog_bytes,
+                backlog_messages,
+                max_bytes,
+                max_messages,
+                retry_after_secs,
+            } => json!({
+                "backlogBytes": backlog_bytes,
+                "backlogMessages": backlog_messages,
+                "maxBytes": max_bytes,
+                "maxMessages": max_messages,
+                "retryAfterSeconds": retry_after_secs,
+            }),
             Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => json!({}),
             Rejection::Policy { details, .. } => details.clone(),
         }
@@ -489,6 +522,23 @@ mod tests {
         assert_eq!(
             (unavailable.status(), unavailable.code()),
             (503, "ENQUEUE_FAILED")
+        );
+        let full = Rejection::BacklogFull {
+            backlog_bytes: 5000,
+            backlog_messages: 10,
+            max_bytes: 4096,
+            max_messages: 100,
+            retry_after_secs: 1,
+        };
+        assert_eq!(
+            (full.status(), full.code(), full.telemetry_label()),
+            (503, "BACKLOG_FULL", "backlog_full")
+        );
+        assert_eq!(full.retry_after_secs(), Some(1));
+        assert_eq!(
+            full.details(),
+            json!({"backlogBytes": 5000, "backlogMessages": 10, "maxBytes": 4096,
+                   "maxMessages": 100, "retryAfterSeconds": 1})
         );
     }
 }

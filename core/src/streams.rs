@@ -1,9 +1,21 @@
 //! Creating the streams and consumers, from the very JSON files operators use.
 //!
-//! `nats/streams/*.json` and `nats/consumers/delivery.json` are in the JetStream API's own
-//! format, so `nats stream add --config nats/streams/MESSAGES.json` accepts them as they are.
-//! The code embeds the same files and applies them idempotently at start-up: a second start,
-//! or a newer Hotpath with changed limits, updates in place.
+//! `nats/streams/*.json` and `nats/consumers/*.json` are in the JetStream API's own format, so
+//! `nats stream add --config nats/streams/MESSAGES.json` accepts them as they are. The code
+//! embeds the same files and applies them idempotently at start-up, with this deployment's
+//! limits on top (partitions, batch size, ack wait, the backlog bound, the replay window): a
+//! second start, or a newer Hotpath with changed limits, updates in place.
+//!
+//! Two streams hold messages, each for one job (ADR 0004):
+//! * `MESSAGES` is **the backlog**, a work queue: a message is removed when its delivery
+//!   consumer acknowledges it, which happens after it is in Postgres. What the stream holds is
+//!   exactly what is accepted and not yet persisted, so it never fills with messages that are
+//!   already safe. It is never aged out (`max_age` 0); its `max_bytes`/`max_msgs` are a hard
+//!   ceiling at twice the gateways' backlog bound, so the gateways shed load (503
+//!   `BACKLOG_FULL`) well before the stream itself would refuse anything.
+//! * `REPLAY` is **the replay window**, limits retention with `discard: old`: the delivery
+//!   consumers copy each persisted message there before acknowledging it. Bounded by age and
+//!   bytes, it drops the oldest first and never blocks a send.
 
 use std::time::Duration;
 
@@ -14,6 +26,7 @@ use crate::config::Config;
 use crate::names;
 
 const MESSAGES_JSON: &str = include_str!("../../nats/streams/MESSAGES.json");
+const REPLAY_JSON: &str = include_str!("../../nats/streams/REPLAY.json");
 const DLQ_JSON: &str = include_str!("../../nats/streams/DLQ.json");
 const DELIVERY_JSON: &str = include_str!("../../nats/consumers/delivery.json");
 const RECEIPTS_JSON: &str = include_str!("../../nats/streams/RECEIPTS.json");
@@ -32,8 +45,21 @@ pub fn recorded_partitions(config: &stream::Config) -> Option<u32> {
         .and_then(|p| p.parse().ok())
 }
 
-/// The `MESSAGES` stream definition for `partitions` partitions.
-pub fn messages_stream_config(partitions: u32) -> anyhow::Result<stream::Config> {
+/// The stream's hard ceiling for a gateway bound: twice it. The gateways' estimate of the
+/// backlog can trail the truth by what the other gateways accepted since their last look
+/// (a quarter of a second each) plus the sends in flight; the second half is room for that,
+/// so the stream never refuses before the gateways do.
+pub fn backlog_ceiling(bound: u64) -> i64 {
+    i64::try_from(bound.max(1).saturating_mul(2)).unwrap_or(i64::MAX)
+}
+
+fn as_limit(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The `MESSAGES` stream as `nats/streams/MESSAGES.json` defines it, for `partitions`
+/// partitions (recorded in its metadata).
+pub fn messages_stream_definition(partitions: u32) -> anyhow::Result<stream::Config> {
     let mut config: stream::Config =
         serde_json::from_str(MESSAGES_JSON).context("nats/streams/MESSAGES.json")?;
     config
@@ -42,12 +68,36 @@ pub fn messages_stream_config(partitions: u32) -> anyhow::Result<stream::Config>
     Ok(config)
 }
 
+/// The `MESSAGES` stream of this deployment: its partitions, and the ceiling at twice the
+/// backlog bound ([`backlog_ceiling`]).
+pub fn messages_stream_config(config: &Config) -> anyhow::Result<stream::Config> {
+    let mut stream = messages_stream_definition(config.partitions)?;
+    stream.max_bytes = backlog_ceiling(config.backlog_max_bytes);
+    stream.max_messages = backlog_ceiling(config.backlog_max_msgs);
+    Ok(stream)
+}
+
+/// The `REPLAY` stream of this deployment: the file's definition with the configured age and
+/// bytes.
+pub fn replay_stream_config(config: &Config) -> anyhow::Result<stream::Config> {
+    let mut stream: stream::Config =
+        serde_json::from_str(REPLAY_JSON).context("nats/streams/REPLAY.json")?;
+    stream.max_age = Duration::from_secs(config.replay_max_age_secs);
+    stream.max_bytes = as_limit(config.replay_max_bytes);
+    Ok(stream)
+}
+
 pub fn dlq_stream_config() -> anyhow::Result<stream::Config> {
     serde_json::from_str(DLQ_JSON).context("nats/streams/DLQ.json")
 }
 
-pub fn receipts_stream_config() -> anyhow::Result<stream::Config> {
-    serde_json::from_str(RECEIPTS_JSON).context("nats/streams/RECEIPTS.json")
+/// The `RECEIPTS` stream of this deployment (a work queue, like `MESSAGES`), bounded by the
+/// configured bytes.
+pub fn receipts_stream_config(config: &Config) -> anyhow::Result<stream::Config> {
+    let mut stream: stream::Config =
+        serde_json::from_str(RECEIPTS_JSON).context("nats/streams/RECEIPTS.json")?;
+    stream.max_bytes = as_limit(config.receipts_max_bytes);
+    Ok(stream)
 }
 
 pub fn push_stream_config() -> anyhow::Result<stream::Config> {
@@ -123,9 +173,11 @@ pub fn delivery_consumer_config(
     Ok(consumer)
 }
 
-/// Creates or updates `MESSAGES`, `RECEIPTS`, `PUSH` and `DLQ`. Refuses to run against a `MESSAGES` stream created
-/// with another partition count: routing would silently split conversations.
-pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow::Result<()> {
+/// Creates or updates `MESSAGES`, `REPLAY`, `RECEIPTS`, `PUSH` and `DLQ` with this
+/// deployment's limits. Refuses to run against a `MESSAGES` stream created with another
+/// partition count: routing would silently split conversations.
+pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow::Result<()> {
+    let partitions = config.partitions;
     if let Ok(mut existing) = js.get_stream(names::MESSAGES_STREAM).await {
         let info = existing
             .info()
@@ -139,10 +191,15 @@ pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow:
             );
         }
     }
-    js.create_or_update_stream(messages_stream_config(partitions)?)
+    refuse_limits_layout(js, names::MESSAGES_STREAM).await?;
+    refuse_limits_layout(js, names::RECEIPTS_STREAM).await?;
+    js.create_or_update_stream(messages_stream_config(config)?)
         .await
         .context("creating or updating the MESSAGES stream")?;
-    js.create_or_update_stream(receipts_stream_config()?)
+    js.create_or_update_stream(replay_stream_config(config)?)
+        .await
+        .context("creating or updating the REPLAY stream")?;
+    js.create_or_update_stream(receipts_stream_config(config)?)
         .await
         .context("creating or updating the RECEIPTS stream")?;
     js.create_or_update_stream(push_stream_config()?)
@@ -154,10 +211,25 @@ pub async fn ensure_streams(js: &jetstream::Context, partitions: u32) -> anyhow:
     Ok(())
 }
 
+/// A stream of `name` created with limits retention (by a Hotpath before ADR 0004) cannot be
+/// turned into a work queue in place.
+async fn refuse_limits_layout(js: &jetstream::Context, name: &str) -> anyhow::Result<()> {
+    let Ok(mut existing) = js.get_stream(name).await else {
+        return Ok(());
+    };
+    let info = existing
+        .info()
+        .await
+        .with_context(|| format!("reading {name} stream info"))?;
+    anyhow::ensure!(
+        info.config.retention != stream::RetentionPolicy::Limits,
+        "the {name} stream has limits retention (created by an older Hotpath); it must be \
+         migrated to a work queue first"
+    );
+    Ok(())
+}
+
 /// Creates or updates the delivery consumer of `partition` and returns it.
-///
-/// An existing consumer keeps where it starts from (JetStream cannot change a consumer's
-/// deliver policy, and a worker may have rewound it; see the consumers crate).
 pub async fn ensure_delivery_consumer(
     js: &jetstream::Context,
     partition: u32,
@@ -167,27 +239,23 @@ pub async fn ensure_delivery_consumer(
         .get_stream(names::MESSAGES_STREAM)
         .await
         .context("MESSAGES stream")?;
-    let mut wanted = delivery_consumer_config(partition, config)?;
-    if let Ok(existing) = stream
-        .consumer_info(names::delivery_consumer(partition))
+    stream
+        .create_consumer(delivery_consumer_config(partition, config)?)
         .await
-    {
-        wanted.deliver_policy = existing.config.deliver_policy;
-    }
-    let consumer = stream
-        .create_consumer(wanted)
-        .await
-        .with_context(|| format!("creating consumer {}", names::delivery_consumer(partition)))?;
-    Ok(consumer)
+        .with_context(|| format!("creating consumer {}", names::delivery_consumer(partition)))
 }
 
-/// Recreates the delivery consumer of `partition` so that it delivers again everything after
-/// `after_stream_seq`, in stream order.
+/// Recreates the delivery consumer of `partition`, so that it delivers again, in stream order,
+/// everything it has not had acknowledged.
+///
+/// `MESSAGES` is a work queue: deleting a consumer leaves the messages it had not had
+/// acknowledged in the stream (only acknowledged ones are gone), and the recreated consumer's
+/// `deliver_policy: all` starts at the first message still stored on its subject, which is
+/// the first one not acknowledged.
 pub async fn rewind_delivery_consumer(
     js: &jetstream::Context,
     partition: u32,
     config: &Config,
-    after_stream_seq: u64,
 ) -> anyhow::Result<consumer::PullConsumer> {
     let stream = js
         .get_stream(names::MESSAGES_STREAM)
@@ -198,12 +266,8 @@ pub async fn rewind_delivery_consumer(
         .delete_consumer(&name)
         .await
         .with_context(|| format!("deleting consumer {name}"))?;
-    let mut wanted = delivery_consumer_config(partition, config)?;
-    wanted.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
-        start_sequence: after_stream_seq + 1,
-    };
     stream
-        .create_consumer(wanted)
+        .create_consumer(delivery_consumer_config(partition, config)?)
         .await
         .with_context(|| format!("recreating consumer {name}"))
 }
@@ -254,19 +318,52 @@ mod tests {
 
     #[test]
     fn shipped_definitions_parse() {
-        let messages = messages_stream_config(16).unwrap();
+        let mut config = Config::from_env().unwrap();
+        config.backlog_max_bytes = 4 << 20;
+        config.backlog_max_msgs = 300;
+        config.replay_max_bytes = 8 << 20;
+        config.replay_max_age_secs = 3600;
+        config.receipts_max_bytes = 1 << 20;
+
+        let messages = messages_stream_config(&config).unwrap();
         assert_eq!(messages.name, names::MESSAGES_STREAM);
         assert_eq!(messages.subjects, vec!["msgs.in.*".to_string()]);
         assert_eq!(messages.duplicate_window, Duration::from_secs(120));
+        assert_eq!(messages.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(messages.discard, stream::DiscardPolicy::New);
+        assert_eq!(
+            messages.max_age,
+            Duration::ZERO,
+            "the backlog is never aged out"
+        );
+        assert_eq!(messages.max_bytes, 8 << 20, "twice the backlog bound");
+        assert_eq!(messages.max_messages, 600);
+        assert_eq!(recorded_partitions(&messages), Some(config.partitions));
+        // The file itself: twice the default bounds.
+        let definition = messages_stream_definition(16).unwrap();
+        assert_eq!(definition.max_bytes, 2 << 30);
+        assert_eq!(definition.max_messages, 2_000_000);
+
+        let replay = replay_stream_config(&config).unwrap();
+        assert_eq!(replay.name, names::REPLAY_STREAM);
+        assert_eq!(replay.subjects, vec!["replay.msgs.*".to_string()]);
+        assert_eq!(replay.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(replay.discard, stream::DiscardPolicy::Old);
+        assert_eq!(replay.max_bytes, 8 << 20);
+        assert_eq!(replay.max_age, Duration::from_secs(3600));
+        assert_eq!(names::replay_subject(3), "replay.msgs.3");
+
         assert_eq!(dlq_stream_config().unwrap().name, names::DLQ_STREAM);
-        let config = Config::from_env().unwrap();
         let consumer = delivery_consumer_config(7, &config).unwrap();
         assert_eq!(consumer.durable_name.as_deref(), Some("delivery-7"));
         assert_eq!(consumer.filter_subject, "msgs.in.7");
         assert_eq!(consumer.ack_policy, consumer::AckPolicy::Explicit);
-        let receipts = receipts_stream_config().unwrap();
+        assert_eq!(consumer.deliver_policy, consumer::DeliverPolicy::All);
+        let receipts = receipts_stream_config(&config).unwrap();
         assert_eq!(receipts.name, names::RECEIPTS_STREAM);
         assert_eq!(receipts.subjects, vec!["receipts.*".to_string()]);
+        assert_eq!(receipts.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(receipts.max_bytes, 1 << 20);
         let consumer = receipts_consumer_config(&config).unwrap();
         assert_eq!(
             consumer.durable_name.as_deref(),

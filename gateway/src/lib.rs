@@ -4,6 +4,7 @@
 //!
 //! Start reading at [`routes::send`], which tells the hot path in order, then [`socket`].
 
+mod backlog;
 mod duplicates;
 pub mod facts;
 mod http;
@@ -44,6 +45,10 @@ pub async fn router(
     let sockets = SocketNode::new(gateway_id.clone(), nats.clone(), presence, shutdown.clone());
     tokio::spawn(sockets.clone().refresh_presence());
     let state = AppState::new(config, verifier, pool, nats.clone(), sockets);
+    state
+        .backlog
+        .start_polling(js.clone(), shutdown.clone())
+        .await;
 
     // The policy chain, loaded before the router exists so the gateway is ready only with it.
     let store = hotpath_core::policy_store::PolicyStore::open(&js).await?;

@@ -7,6 +7,9 @@
 //! [`crate::duplicates`], which reads the kept message back with [`Producer::kept`]). If NATS
 //! is down or the stream refuses the message, the caller learns it within the publish timeout,
 //! as a 503 with Retry-After.
+//! What the stream stored is counted into this gateway's view of the backlog ([`Backlog`]), and
+//! a stream that refuses because it is full is answered like a full backlog: 503
+//! `BACKLOG_FULL`.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,8 @@ use hotpath_core::names::{message_subject, partition_of, receipt_subject};
 use hotpath_core::receipts::Receipt;
 use hotpath_core::rejection::Rejection;
 use opentelemetry::KeyValue;
+
+use crate::backlog::Backlog;
 use opentelemetry::metrics::Histogram;
 
 /// What JetStream said about a publish.
@@ -40,10 +45,16 @@ pub struct Producer {
     partitions: u32,
     timeout: Duration,
     duration_ms: Histogram<f64>,
+    backlog: Backlog,
 }
 
 impl Producer {
-    pub fn new(client: async_nats::Client, partitions: u32, timeout: Duration) -> Producer {
+    pub fn new(
+        client: async_nats::Client,
+        partitions: u32,
+        timeout: Duration,
+        backlog: Backlog,
+    ) -> Producer {
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .max_ack_inflight(50_000)
@@ -58,6 +69,7 @@ impl Producer {
                 .with_description("JetStream publish round trip, from send to PubAck")
                 .with_boundaries(hotpath_core::telemetry::FAST_MS_BUCKETS.to_vec())
                 .build(),
+            backlog,
         }
     }
 
@@ -69,15 +81,15 @@ impl Producer {
         }
         let started = Instant::now();
         let partition = partition_of(&envelope.conversation_id.to_string(), self.partitions);
+        let subject = message_subject(partition);
+        let payload = envelope.encode();
+        let payload_bytes = payload.len();
         let message = PublishMessage::build()
-            .payload(envelope.encode().into())
+            .payload(payload.into())
             .message_id(&envelope.idempotency_key);
 
         let outcome = tokio::time::timeout(self.timeout, async {
-            let ack: PublishAckFuture = self
-                .js
-                .send_publish(message_subject(partition), message)
-                .await?;
+            let ack: PublishAckFuture = self.js.send_publish(subject.clone(), message).await?;
             ack.await
         })
         .await;
@@ -91,11 +103,25 @@ impl Producer {
         );
 
         match outcome {
-            Ok(Ok(ack)) => Ok(Published {
-                duplicate: ack.duplicate,
-                stream: ack.stream,
-                stream_sequence: ack.sequence,
-            }),
+            Ok(Ok(ack)) => {
+                if !ack.duplicate {
+                    self.backlog.accepted(
+                        ack.sequence,
+                        &subject,
+                        &envelope.idempotency_key,
+                        payload_bytes,
+                    );
+                }
+                Ok(Published {
+                    duplicate: ack.duplicate,
+                    stream: ack.stream,
+                    stream_sequence: ack.sequence,
+                })
+            }
+            Ok(Err(error)) if is_stream_full(&error) => {
+                tracing::warn!(%error, "the MESSAGES stream is full");
+                Err(self.backlog.full())
+            }
             Ok(Err(error)) => Err(classify(error)),
             Err(_) => Err(unavailable(
                 "the message stream did not acknowledge in time",
@@ -159,6 +185,21 @@ fn classify(error: async_nats::jetstream::context::PublishError) -> Rejection {
         // the message because it is full (discard policy "new"): all pass with time.
         _ => unavailable(&error.to_string()),
     }
+}
+
+/// Whether the stream refused the message because it holds its `max_bytes` or `max_msgs`
+/// (`discard: new`). JetStream says so only in words: a store failure (10077) described as
+/// "maximum bytes exceeded" or "maximum messages exceeded".
+fn is_stream_full(error: &async_nats::jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    let Some(api_error) = error
+        .source()
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+    else {
+        return false;
+    };
+    api_error.error_code() == async_nats::jetstream::ErrorCode::STREAM_STORE_FAILED
+        && api_error.to_string().starts_with("maximum ")
 }
 
 fn unavailable(reason: &str) -> Rejection {

@@ -10,6 +10,7 @@ use moka::future::Cache;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::backlog::{Backlog, Bound};
 use crate::facts::Facts;
 use crate::metrics::ProducerMetrics;
 use crate::policies::{ActiveChain, PolicyMetrics};
@@ -38,6 +39,9 @@ pub struct AppState {
     pub policies: Arc<arc_swap::ArcSwap<ActiveChain>>,
     pub policy_metrics: PolicyMetrics,
     pub producer: Producer,
+    /// This gateway's view of the backlog (accepted, not yet persisted): sends are refused
+    /// while it is at its bound.
+    pub backlog: Backlog,
     pub rate_limit: RateLimit,
     /// Per-user budget of `ack` frames, apart from sends.
     pub ack_rate: RateLimit,
@@ -68,7 +72,16 @@ impl AppState {
         sockets: SocketNode,
     ) -> AppState {
         let facts = Facts::new(pool.clone(), nats.clone(), config.facts_ttl());
-        let producer = Producer::new(nats.clone(), config.partitions, config.publish_timeout());
+        let backlog = Backlog::new(Bound {
+            max_messages: config.backlog_max_msgs,
+            max_bytes: config.backlog_max_bytes,
+        });
+        let producer = Producer::new(
+            nats.clone(),
+            config.partitions,
+            config.publish_timeout(),
+            backlog.clone(),
+        );
         let rate_limit = RateLimit::new(config.rate_per_user, config.rate_burst);
         let ack_rate = RateLimit::new(config.ack_rate_per_user, config.ack_rate_burst);
         let membership_rate = RateLimit::per_minute(config.membership_rate_per_min);
@@ -80,6 +93,7 @@ impl AppState {
             policies: Arc::new(arc_swap::ArcSwap::from_pointee(ActiveChain::default())),
             policy_metrics: PolicyMetrics::new(),
             producer,
+            backlog,
             rate_limit,
             ack_rate,
             membership_rate,

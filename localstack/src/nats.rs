@@ -248,6 +248,9 @@ impl NatsServer {
         self.dir.join("nats.log")
     }
 
+    /// The server's configuration. Streams reserve their `max_bytes` against
+    /// `max_file_store`; Hotpath's take 5.75 GiB with the default limits (see
+    /// `nats/nats-server.conf`), hence 8 GB.
     fn config(&self) -> Result<String> {
         let store = quote_path(&self.dir.join("jetstream"))?;
         let log = quote_path(&self.log_path())?;
@@ -260,7 +263,7 @@ impl NatsServer {
              server_name: \"hotpath-local\"\n\
              listen: \"127.0.0.1:{port}\"\n\
              logfile: {log}\n\
-             jetstream {{\n  store_dir: {store}\n  max_memory_store: 256MB\n  max_file_store: 4GB\n{sync}}}\n",
+             jetstream {{\n  store_dir: {store}\n  max_memory_store: 256MB\n  max_file_store: 8GB\n{sync}}}\n",
             port = self.port,
         ))
     }

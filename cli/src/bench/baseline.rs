@@ -61,7 +61,7 @@ pub async fn raw_jetstream(
     // Encoded before the clock starts: the baseline measures JetStream, not serde.
     let (messages, payload_bytes) = encode_all(&prefix, partitions, envelopes);
 
-    let mut config = streams::messages_stream_config(partitions)?;
+    let mut config = streams::messages_stream_definition(partitions)?;
     config.name = name.clone();
     config.subjects = vec![format!("{prefix}.*")];
     config.description = Some("hotpath bench scratch stream, deleted after the run".into());

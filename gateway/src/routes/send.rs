@@ -1,9 +1,10 @@
 //! `POST /v1/messages`: the hot path, in the order it happens.
 //!
-//! shed load if full → authenticate → rate limit → read a bounded body → load facts from the cache → run the check
-//! chain → derive the idempotency key, request digest and message id → publish to JetStream →
-//! (a duplicate: retry, or key reused for another message? [`crate::duplicates`]) → 202
-//! `pending`. Nothing here writes to Postgres; persisting is the consumers' job.
+//! shed load if full → authenticate → rate limit → read a bounded body → refuse while the
+//! backlog is full → load facts from the cache → run the check chain → derive the idempotency
+//! key, request digest and message id → publish to JetStream → (a duplicate: retry, or key
+//! reused for another message? [`crate::duplicates`]) → 202 `pending`. Nothing here writes to
+//! Postgres; persisting is the consumers' job.
 //!
 //! A `send` frame on a WebSocket (`routes::ws`) takes the same path from [`accept`] on: only
 //! how the user and the body arrive differs.
@@ -121,7 +122,12 @@ pub async fn accept(
 ) -> Result<SendAccepted, Rejection> {
     let user_id = user_id.to_string();
 
-    // 3. Facts for the checks, from memory on a warm path. A conversation id that is not a
+    // 3. Backpressure: while the consumers are a backlog's bound behind, refuse before
+    //    anything is published (503 `BACKLOG_FULL`, Retry-After), so nothing accepted is at
+    //    risk and the client retries later with the same key.
+    state.backlog.admit()?;
+
+    // 4. Facts for the checks, from memory on a warm path. A conversation id that is not a
     //    UUID cannot exist, so it costs no lookup.
     let conversation_id = request
         .get("conversationId")
@@ -133,7 +139,7 @@ pub async fn accept(
     };
     let sender_blocks = state.facts.blocks(&user_id).await?;
 
-    // 4. The policy chain (WebAssembly): schema, authorization, and whatever operators
+    // 5. The policy chain (WebAssembly): schema, authorization, and whatever operators
     //    pushed. No chain loaded means nothing may pass.
     let chain = state.policies.load();
     if chain.is_empty() {
@@ -157,7 +163,7 @@ pub async fn accept(
         });
     };
 
-    // 5. Identity: the idempotency key (which message the client means), the request digest
+    // 6. Identity: the idempotency key (which message the client means), the request digest
     //    (what it asks for) and the message id derived from both.
     let accepted_at = Utc::now();
     let key = idempotency_key(
@@ -201,7 +207,7 @@ pub async fn accept(
         request_digest: Some(digest),
     };
 
-    // 6. Publish; JetStream's PubAck says whether it had this key already, and if so, the
+    // 7. Publish; JetStream's PubAck says whether it had this key already, and if so, the
     //    message it kept tells a retry (answered with that message's id) from a reuse (409).
     let published = state.producer.publish(&envelope).await?;
     let message_id = if published.duplicate {
@@ -227,7 +233,7 @@ pub async fn accept(
         started.elapsed().as_secs_f64() * 1000.0,
     );
 
-    // 7. 202: accepted, pending persistence.
+    // 8. 202: accepted, pending persistence.
     Ok(SendAccepted {
         message_id,
         correlation_id,
