@@ -455,3 +455,38 @@ async fn a_conflict_that_waits_out_a_consumer_restart_is_rejected_exactly_once()
     assert_eq!(system.message_count().await, 1);
     assert_eq!(assert_gap_free_in_acceptance_order(&system.pool).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_and_its_reuse_met_in_one_batch_store_the_first_and_reject_the_second() {
+    let _turn = CONFLICT_TESTS.lock().await;
+    let mut system = System::start().await;
+    shorten_duplicate_window(&system).await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+    let (recorded, met_again) = conflict_counts(&system).await;
+
+    // Both wait in the stream, so one batch holds the key's first message and its reuse.
+    system.stop_consumers().await;
+    let original = send_first(&system, conversation).await;
+    let reuse =
+        send_past_the_window(&system, "alice", &with_id(conversation, "m-1", "second")).await;
+    let refused = message_id(&reuse);
+    system.start_consumers().await;
+
+    let changes = state_changes(&mut alice, 2, QUIET).await;
+    assert_eq!(
+        changes,
+        vec![
+            state_change(original, "sent"),
+            state_change(refused, "rejected")
+        ]
+    );
+    wait_for_conflict_counts(&system, (recorded + 1, met_again)).await;
+    assert_rejected(&status_of(&system, "alice", refused).await.1, original);
+    assert_eq!(rejection_rows(&system, refused).await, 1);
+    assert_eq!(assert_gap_free_in_acceptance_order(&system.pool).await, 1);
+    assert_eq!(
+        stored(&system, original).await,
+        Some((conversation, "first".to_string()))
+    );
+}
