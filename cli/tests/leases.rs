@@ -192,56 +192,68 @@ struct LeaseChange {
     created: i128,
 }
 
-/// Records every change to the lease bucket until `stop`.
-fn record_lease_changes(
-    leases: kv::Store,
+/// Every change to the lease bucket from when it was started, as the bucket recorded it.
+struct LeaseHistory {
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<Vec<LeaseChange>> {
-    tokio::spawn(async move {
-        let mut watch = leases.watch_all().await.expect("watch the lease bucket");
-        let mut changes = Vec::new();
-        loop {
-            let entry = tokio::select! {
-                entry = watch.next() => entry,
-                () = stop.cancelled() => return changes,
-            };
-            let Some(Ok(entry)) = entry else {
-                return changes;
-            };
-            let holder = serde_json::from_slice::<Value>(&entry.value)
-                .ok()
-                .and_then(|value| value["id"].as_str().map(str::to_string));
-            changes.push(LeaseChange {
-                key: entry.key,
-                operation: entry.operation,
-                holder,
-                created: entry.created.unix_timestamp_nanos(),
-            });
-        }
-    })
+    recording: tokio::task::JoinHandle<Vec<LeaseChange>>,
 }
 
-/// One holder at a time: a key passes from one holder to another only after the first
-/// released it (a delete) or stopped renewing it for a whole TTL (it expired).
-fn assert_one_holder_at_a_time(changes: &[LeaseChange], ttl: Duration) {
-    let mut current: BTreeMap<&str, (&str, i128)> = BTreeMap::new();
-    for change in changes {
-        match (change.operation, &change.holder) {
-            (kv::Operation::Put, Some(holder)) => {
-                if let Some(&(previous, renewed)) = current.get(change.key.as_str()) {
-                    let quiet = Duration::from_nanos((change.created - renewed).max(0) as u64);
-                    assert!(
-                        previous == holder.as_str() || quiet >= ttl,
-                        "{} passed from {previous} to {holder} {quiet:?} after the last renewal, \
-                         without a release and before the lease ({ttl:?}) could expire",
-                        change.key
-                    );
-                }
-                current.insert(&change.key, (holder.as_str(), change.created));
+impl LeaseHistory {
+    fn record(leases: &kv::Store) -> LeaseHistory {
+        let (leases, stop) = (leases.clone(), CancellationToken::new());
+        let until = stop.clone();
+        let recording = tokio::spawn(async move {
+            let mut watch = leases.watch_all().await.expect("watch the lease bucket");
+            let mut changes = Vec::new();
+            loop {
+                let entry = tokio::select! {
+                    entry = watch.next() => entry,
+                    () = until.cancelled() => return changes,
+                };
+                let Some(Ok(entry)) = entry else {
+                    return changes;
+                };
+                let holder = serde_json::from_slice::<Value>(&entry.value)
+                    .ok()
+                    .and_then(|value| value["id"].as_str().map(str::to_string));
+                changes.push(LeaseChange {
+                    key: entry.key,
+                    operation: entry.operation,
+                    holder,
+                    created: entry.created.unix_timestamp_nanos(),
+                });
             }
-            (kv::Operation::Put, None) => panic!("{} holds a value that is no lease", change.key),
-            (kv::Operation::Delete | kv::Operation::Purge, _) => {
-                current.remove(change.key.as_str());
+        });
+        LeaseHistory { stop, recording }
+    }
+
+    /// One holder at a time: a key passes from one holder to another only after the first
+    /// released it (a delete) or stopped renewing it for a whole TTL (it expired).
+    async fn assert_one_holder_at_a_time(self, ttl: Duration) {
+        self.stop.cancel();
+        let changes = self.recording.await.expect("recording");
+        assert!(!changes.is_empty(), "the processes took leases");
+        let mut current: BTreeMap<&str, (&str, i128)> = BTreeMap::new();
+        for change in &changes {
+            match (change.operation, &change.holder) {
+                (kv::Operation::Put, Some(holder)) => {
+                    if let Some(&(previous, renewed)) = current.get(change.key.as_str()) {
+                        let quiet = Duration::from_nanos((change.created - renewed).max(0) as u64);
+                        assert!(
+                            previous == holder.as_str() || quiet >= ttl,
+                            "{} passed from {previous} to {holder} {quiet:?} after the last \
+                             renewal, without a release and before the lease ({ttl:?}) could expire",
+                            change.key
+                        );
+                    }
+                    current.insert(&change.key, (holder.as_str(), change.created));
+                }
+                (kv::Operation::Put, None) => {
+                    panic!("{} holds a value that is no lease", change.key)
+                }
+                (kv::Operation::Delete | kv::Operation::Purge, _) => {
+                    current.remove(change.key.as_str());
+                }
             }
         }
     }
@@ -374,10 +386,8 @@ async fn lease_bucket(system: &System) -> kv::Store {
 async fn two_processes_for_the_same_partitions_persist_every_message_once_in_sending_order() {
     let system = system_without_consumers().await;
     let leases = lease_bucket(&system).await;
-    let partitions = system.config.partitions;
-    let ttl = Duration::from_secs(system.config.lease_ttl_secs);
-    let stop_recording = CancellationToken::new();
-    let recording = record_lease_changes(leases.clone(), stop_recording.clone());
+    let (partitions, ttl) = (system.config.partitions, system.config.lease_ttl());
+    let history = LeaseHistory::record(&leases);
 
     // Both configured as replica 0 of 1: the same partitions, started together.
     let first = ConsumerProcess::start(&system, "first", 0, 1);
@@ -437,10 +447,7 @@ async fn two_processes_for_the_same_partitions_persist_every_message_once_in_sen
 
     first.stop();
     second.stop();
-    stop_recording.cancel();
-    let changes = recording.await.expect("recording");
-    assert!(!changes.is_empty(), "the processes took leases");
-    assert_one_holder_at_a_time(&changes, ttl);
+    history.assert_one_holder_at_a_time(ttl).await;
     // Stopping released every lease: nobody holds one now.
     let holders = lease_holders(&leases, partitions).await;
     assert!(
@@ -453,10 +460,8 @@ async fn two_processes_for_the_same_partitions_persist_every_message_once_in_sen
 async fn a_standby_takes_over_from_a_killed_holder_within_the_lease_ttl() {
     let system = system_without_consumers().await;
     let leases = lease_bucket(&system).await;
-    let partitions = system.config.partitions;
-    let ttl = Duration::from_secs(system.config.lease_ttl_secs);
-    let stop_recording = CancellationToken::new();
-    let recording = record_lease_changes(leases.clone(), stop_recording.clone());
+    let (partitions, ttl) = (system.config.partitions, system.config.lease_ttl());
+    let history = LeaseHistory::record(&leases);
 
     let mut holder = ConsumerProcess::start(&system, "holder", 0, 1);
     let holders = wait_for_holders(
@@ -510,8 +515,7 @@ async fn a_standby_takes_over_from_a_killed_holder_within_the_lease_ttl() {
     let sent = load.finish().await;
     assert_stored_once_in_sending_order(&system, &sent).await;
     standby.stop();
-    stop_recording.cancel();
-    assert_one_holder_at_a_time(&recording.await.expect("recording"), ttl);
+    history.assert_one_holder_at_a_time(ttl).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,9 +38,9 @@
 //!
 //! A batch fetched while the lease was held may still be committed after the lease is gone (a
 //! slow Postgres transaction outlives the deadline). That is harmless: the batch is a contiguous
-//! run of the partition starting at the ack floor, the next holder re-reads from that same ack
-//! floor, and the persist transaction locks the batch's conversations and drops keys already
-//! stored. Whichever of the two commits a message first numbers it; the other finds it stored.
+//! run of the partition starting at its first unacknowledged message, the next holder re-reads
+//! from that same message, and the persist transaction locks the batch's conversations and
+//! drops keys already stored. Whichever of the two commits a message first numbers it; the other finds it stored.
 //! What *would* corrupt order is a second puller taking messages past the first one's batch, or
 //! a rewind under a running worker — exactly what the fence rules out. And because a previous
 //! holder's pull request may still be waiting at the server, a worker that has just taken a
@@ -471,7 +471,12 @@ impl Leases {
             let renewing = matches!(end, None | Some(End::Shutdown));
             let deadline = fence.deadline();
             tokio::select! {
-                () = work_done.cancelled() => return (held, end.unwrap_or(End::Shutdown)),
+                () = work_done.cancelled() => {
+                    // A worker stops only when told to, or when it found its fence closed a
+                    // moment before the deadline fired here.
+                    let stopped = if shutdown.is_cancelled() { End::Shutdown } else { End::Lapsed };
+                    return (held, end.unwrap_or(stopped));
+                }
                 () = tokio::time::sleep_until(next), if renewing => {}
                 () = tokio::time::sleep_until(deadline), if end.is_none() => {
                     tracing::error!(

@@ -88,20 +88,9 @@ pub async fn run(
             shutdown.clone(),
         );
         workers.spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            let consumer = loop {
-                match ensure_receipts_consumer(&js, &config).await {
-                    Ok(consumer) => break consumer,
-                    Err(error) => tracing::warn!(
-                        error = format!("{error:#}"),
-                        "cannot set up the receipts consumer; retrying"
-                    ),
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => return,
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
+            let setup = || ensure_receipts_consumer(&js, &config);
+            let Some(consumer) = retry("the receipts consumer", &shutdown, setup).await else {
+                return;
             };
             let worker = receipts::ReceiptsWorker {
                 consumer,
@@ -156,8 +145,7 @@ async fn drain(mut workers: JoinSet<()>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `PARTITION_LEASES` bucket, opened (NATS may be restarting: keep trying); `None` only on
-/// shutdown.
+/// The `PARTITION_LEASES` bucket, opened; `None` only on shutdown.
 async fn leases_with_retry(
     js: &jetstream::Context,
     config: &Config,
@@ -170,13 +158,29 @@ async fn leases_with_retry(
         id = holder.id.as_str(),
         "partition lease holder identity"
     );
+    let open = || Leases::open(js, config.lease_ttl(), holder.clone());
+    retry("the partition leases bucket", shutdown, open).await
+}
+
+/// Runs `attempt` until it succeeds (NATS may be restarting: keep trying), pausing 100 ms
+/// doubling to 5 s between failures; `None` once `shutdown` is cancelled.
+async fn retry<T, Attempt, Attempting>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: Attempt,
+) -> Option<T>
+where
+    Attempt: FnMut() -> Attempting,
+    Attempting: Future<Output = anyhow::Result<T>>,
+{
     let mut delay = Duration::from_millis(100);
     loop {
-        match Leases::open(js, config.lease_ttl(), holder.clone()).await {
-            Ok(leases) => return Some(leases),
+        match attempt().await {
+            Ok(done) => return Some(done),
             Err(error) => tracing::warn!(
+                what,
                 error = format!("{error:#}"),
-                "cannot open the partition leases bucket; retrying"
+                "cannot set up; retrying"
             ),
         }
         tokio::select! {
@@ -237,24 +241,12 @@ async fn consumer_with_retry(
     config: &Config,
     fence: &Fence,
 ) -> Option<async_nats::jetstream::consumer::PullConsumer> {
-    let shutdown = fence.token();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        fence.check().ok()?;
-        match ensure_delivery_consumer(js, partition, config).await {
-            Ok(consumer) => return Some(consumer),
-            Err(error) => tracing::warn!(
-                partition,
-                error = format!("{error:#}"),
-                "cannot set up the consumer; retrying"
-            ),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return None,
-        }
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
+    let what = format!("the delivery consumer of partition {partition}");
+    let setup = || async {
+        fence.check()?;
+        ensure_delivery_consumer(js, partition, config).await
+    };
+    retry(&what, &fence.token(), setup).await
 }
 
 /// Publishes each owned consumer's pending and ack-pending counts every few seconds.
