@@ -75,7 +75,8 @@ enum Command {
         #[arg(long, default_value = ".hotpath")]
         data_dir: PathBuf,
     },
-    /// Apply the database migrations and the stream definitions, then exit.
+    /// Apply the database migrations and the stream definitions (migrating streams made by an
+    /// older Hotpath: stop its gateways and consumers first), then exit.
     Migrate {
         #[command(flatten)]
         config: Config,

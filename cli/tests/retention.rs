@@ -385,3 +385,284 @@ async fn replaying_a_range_of_the_window_stores_nothing_twice() {
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.contains("5 of them were repeats"), "{stdout}");
 }
+
+/// The stream and consumer definitions of a Hotpath before ADR 0004, as it shipped them.
+const OLD_MESSAGES_JSON: &str = include_str!("fixtures/pre-0004/MESSAGES.json");
+const OLD_RECEIPTS_JSON: &str = include_str!("fixtures/pre-0004/RECEIPTS.json");
+const OLD_DELIVERY_JSON: &str = include_str!("fixtures/pre-0004/delivery.json");
+const OLD_RECEIPTS_CONSUMER_JSON: &str = include_str!("fixtures/pre-0004/receipts.json");
+
+/// Replaces the streams with the old layout, made the way the old `ensure_streams` and
+/// consumers made it: limits retention, partitions in the metadata, one `delivery-<p>` per
+/// partition and the `receipts` consumer. Nothing of the new layout is left (no `REPLAY`).
+async fn create_old_layout(js: &jetstream::Context, config: &hotpath_core::config::Config) {
+    for name in [
+        names::MESSAGES_STREAM,
+        names::RECEIPTS_STREAM,
+        names::REPLAY_STREAM,
+    ] {
+        js.delete_stream(name).await.expect("delete new stream");
+    }
+    let mut messages: jetstream::stream::Config =
+        serde_json::from_str(OLD_MESSAGES_JSON).expect("old MESSAGES.json");
+    assert_eq!(
+        messages.retention,
+        jetstream::stream::RetentionPolicy::Limits
+    );
+    messages.metadata.insert(
+        "hotpath.partitions".to_string(),
+        config.partitions.to_string(),
+    );
+    let messages = js.create_stream(messages).await.expect("old MESSAGES");
+    for partition in 0..config.partitions {
+        let mut consumer: jetstream::consumer::pull::Config =
+            serde_json::from_str(OLD_DELIVERY_JSON).expect("old delivery.json");
+        consumer.durable_name = Some(names::delivery_consumer(partition));
+        consumer.name = consumer.durable_name.clone();
+        consumer.filter_subject = names::message_subject(partition);
+        consumer.ack_wait = config.ack_wait();
+        consumer.max_ack_pending = config.batch_size as i64;
+        messages
+            .create_consumer(consumer)
+            .await
+            .expect("old delivery consumer");
+    }
+    let receipts: jetstream::stream::Config =
+        serde_json::from_str(OLD_RECEIPTS_JSON).expect("old RECEIPTS.json");
+    let receipts = js.create_stream(receipts).await.expect("old RECEIPTS");
+    let mut consumer: jetstream::consumer::pull::Config =
+        serde_json::from_str(OLD_RECEIPTS_CONSUMER_JSON).expect("old receipts.json");
+    consumer.name = consumer.durable_name.clone();
+    receipts
+        .create_consumer(consumer)
+        .await
+        .expect("old receipts consumer");
+}
+
+/// An envelope as an old gateway published it.
+fn envelope(conversation: Uuid, n: usize) -> Envelope {
+    Envelope {
+        version: hotpath_core::envelope::ENVELOPE_VERSION,
+        message_id: Uuid::new_v4(),
+        correlation_id: Uuid::new_v4(),
+        idempotency_key: format!("old-layout-{conversation}-{n}"),
+        conversation_id: conversation,
+        sender_id: "alice".into(),
+        content: format!("sent before the upgrade {n}"),
+        content_type: "text".into(),
+        recipient_ids: vec!["bob".into()],
+        metadata: serde_json::Map::new(),
+        priority: "normal".into(),
+        accepted_at: chrono::Utc::now(),
+        request_digest: None,
+    }
+}
+
+/// An installation made before ADR 0004 with traffic in it: `SENT` messages in the old
+/// `MESSAGES`, the first half of each partition persisted and acknowledged the old way, the
+/// rest not, and one receipt not yet recorded. Returns (every message id, the persisted ones).
+async fn old_installation(system: &System) -> (HashSet<Uuid>, HashSet<Uuid>) {
+    const SENT: usize = 24;
+    let js = system.jetstream().await;
+    let mut conversations = Vec::new();
+    for _ in 0..3 {
+        conversations.push(system.conversation("alice", "group", &["bob"]).await);
+    }
+    create_old_layout(&js, &system.config).await;
+    let mut by_partition: BTreeMap<u32, Vec<Envelope>> = BTreeMap::new();
+    for n in 0..SENT {
+        let envelope = envelope(conversations[n % conversations.len()], n);
+        let partition = names::partition_of(
+            &envelope.conversation_id.to_string(),
+            system.config.partitions,
+        );
+        js.send_publish(
+            names::message_subject(partition),
+            jetstream::message::PublishMessage::build()
+                .payload(envelope.encode().into())
+                .message_id(&envelope.idempotency_key),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored in the old MESSAGES");
+        by_partition.entry(partition).or_default().push(envelope);
+    }
+    let all: HashSet<Uuid> = by_partition
+        .values()
+        .flatten()
+        .map(|e| e.message_id)
+        .collect();
+
+    // The old consumers persist and acknowledge the first half of each partition.
+    let messages = js
+        .get_stream(names::MESSAGES_STREAM)
+        .await
+        .expect("old MESSAGES");
+    let mut persisted = HashSet::new();
+    for (partition, envelopes) in &by_partition {
+        let half = envelopes.len() / 2;
+        if half == 0 {
+            continue;
+        }
+        let consumer: jetstream::consumer::PullConsumer = messages
+            .get_consumer(&names::delivery_consumer(*partition))
+            .await
+            .expect("old delivery consumer");
+        let mut batch = consumer
+            .fetch()
+            .max_messages(half)
+            .messages()
+            .await
+            .expect("fetch");
+        let mut fetched = Vec::new();
+        while let Some(message) = batch.next().await {
+            fetched.push(message.expect("message"));
+        }
+        assert_eq!(fetched.len(), half);
+        let decoded: Vec<(Envelope, u64)> = fetched
+            .iter()
+            .map(|m| {
+                (
+                    Envelope::decode(&m.payload).expect("envelope"),
+                    m.info().expect("info").stream_sequence,
+                )
+            })
+            .collect();
+        let rows: Vec<hotpath_consumers::persist::Row<'_>> = decoded
+            .iter()
+            .map(|(envelope, stream_seq)| hotpath_consumers::persist::Row {
+                envelope,
+                partition: *partition,
+                stream_seq: *stream_seq,
+            })
+            .collect();
+        hotpath_consumers::persist::persist(&system.pool, &rows)
+            .await
+            .expect("persisted the old way");
+        for message in &fetched {
+            message.double_ack().await.expect("acknowledged");
+        }
+        persisted.extend(decoded.iter().map(|(e, _)| e.message_id));
+    }
+    assert!(!persisted.is_empty() && persisted.len() < all.len());
+
+    // A receipt for a persisted message, not yet recorded.
+    let (&partition, envelopes) = by_partition.iter().next().expect("a partition");
+    let receipt = hotpath_core::receipts::Receipt {
+        message_id: envelopes[0].message_id,
+        conversation_id: envelopes[0].conversation_id,
+        user_id: "bob".into(),
+        state: hotpath_core::receipts::ReceiptState::Delivered,
+        at: chrono::Utc::now(),
+    };
+    js.send_publish(
+        names::receipt_subject(partition),
+        jetstream::message::PublishMessage::build()
+            .payload(receipt.encode().into())
+            .message_id(receipt.msg_id()),
+    )
+    .await
+    .expect("publish receipt")
+    .await
+    .expect("receipt stored");
+    (all, persisted)
+}
+
+async fn assert_migrated(system: &mut System, all: &HashSet<Uuid>, persisted: &HashSet<Uuid>) {
+    let js = system.jetstream().await;
+    for (name, retention) in [
+        (
+            names::MESSAGES_STREAM,
+            jetstream::stream::RetentionPolicy::WorkQueue,
+        ),
+        (
+            names::RECEIPTS_STREAM,
+            jetstream::stream::RetentionPolicy::WorkQueue,
+        ),
+        (
+            names::REPLAY_STREAM,
+            jetstream::stream::RetentionPolicy::Limits,
+        ),
+    ] {
+        let stream = js.get_stream(name).await.expect("migrated stream");
+        assert_eq!(stream.cached_info().config.retention, retention, "{name}");
+    }
+    for holding in ["MESSAGES_MIGRATING", "RECEIPTS_MIGRATING"] {
+        assert!(
+            js.get_stream(holding).await.is_err(),
+            "{holding} is gone once the migration is done"
+        );
+    }
+    // The persisted part is the replay window; the rest waits in the new backlog.
+    let window: HashSet<Uuid> = window_entries(&js)
+        .await
+        .into_iter()
+        .map(|(_, envelope)| envelope.message_id)
+        .collect();
+    assert_eq!(&window, persisted, "REPLAY holds what was persisted");
+    assert_eq!(
+        stream_state(&js, names::MESSAGES_STREAM).await.messages as usize,
+        all.len() - persisted.len(),
+        "MESSAGES holds what was not acknowledged"
+    );
+    assert_eq!(stream_state(&js, names::RECEIPTS_STREAM).await.messages, 1);
+
+    // The consumers run on the new layout: every message is stored exactly once, in order.
+    system.start_consumers().await;
+    assert_each_stored_once(system, all).await;
+    wait_until_backlog_empty(&js).await;
+    support::receipts::wait_until_settled(&js).await;
+    let (recorded,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM message_receipts WHERE delivered_at IS NOT NULL")
+            .fetch_one(&system.pool)
+            .await
+            .expect("receipts");
+    assert_eq!(
+        recorded, 1,
+        "the receipt waiting in the old RECEIPTS is recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installation_with_the_old_layout_is_migrated_at_start_up_keeping_every_message() {
+    let mut system = System::start().await;
+    system.stop_consumers().await;
+    let (all, persisted) = old_installation(&system).await;
+
+    // What every role (and `hotpath migrate`) does at start-up.
+    hotpath::roles::prepare(&system.config)
+        .await
+        .expect("start-up migrates the streams");
+    assert_migrated(&mut system, &all, &persisted).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_cut_short_after_its_copy_resumes_at_the_next_start_up() {
+    let mut system = System::start().await;
+    system.stop_consumers().await;
+    let (all, persisted) = old_installation(&system).await;
+
+    // A start that dies right after copying out: the old streams and the holding streams
+    // are both there.
+    let js = system.jetstream().await;
+    hotpath_core::stream_migration::copy_out(&js, &system.config)
+        .await
+        .expect("copy out");
+    assert!(js.get_stream("MESSAGES_MIGRATING").await.is_ok());
+    assert_eq!(
+        js.get_stream(names::MESSAGES_STREAM)
+            .await
+            .expect("old MESSAGES")
+            .cached_info()
+            .config
+            .retention,
+        jetstream::stream::RetentionPolicy::Limits
+    );
+
+    // The next start copies again (nothing twice) and finishes.
+    hotpath::roles::prepare(&system.config)
+        .await
+        .expect("the next start-up finishes the migration");
+    assert_migrated(&mut system, &all, &persisted).await;
+}

@@ -16,6 +16,7 @@ pub mod presence;
 pub mod receipts;
 pub mod rejection;
 pub mod stream_copy;
+pub mod stream_migration;
 pub mod streams;
 pub mod telemetry;
 pub mod tls;

@@ -174,7 +174,8 @@ pub fn delivery_consumer_config(
 }
 
 /// Creates or updates `MESSAGES`, `REPLAY`, `RECEIPTS`, `PUSH` and `DLQ` with this
-/// deployment's limits. Refuses to run against a `MESSAGES` stream created with another
+/// deployment's limits, first migrating streams made by a Hotpath before ADR 0004
+/// ([`crate::stream_migration`]). Refuses to run against a `MESSAGES` stream created with another
 /// partition count: routing would silently split conversations.
 pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow::Result<()> {
     let partitions = config.partitions;
@@ -191,8 +192,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
             );
         }
     }
-    refuse_limits_layout(js, names::MESSAGES_STREAM).await?;
-    refuse_limits_layout(js, names::RECEIPTS_STREAM).await?;
+    crate::stream_migration::migrate_if_needed(js, config).await?;
     js.create_or_update_stream(messages_stream_config(config)?)
         .await
         .context("creating or updating the MESSAGES stream")?;
@@ -208,24 +208,6 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
     js.create_or_update_stream(dlq_stream_config()?)
         .await
         .context("creating or updating the DLQ stream")?;
-    Ok(())
-}
-
-/// A stream of `name` created with limits retention (by a Hotpath before ADR 0004) cannot be
-/// turned into a work queue in place.
-async fn refuse_limits_layout(js: &jetstream::Context, name: &str) -> anyhow::Result<()> {
-    let Ok(mut existing) = js.get_stream(name).await else {
-        return Ok(());
-    };
-    let info = existing
-        .info()
-        .await
-        .with_context(|| format!("reading {name} stream info"))?;
-    anyhow::ensure!(
-        info.config.retention != stream::RetentionPolicy::Limits,
-        "the {name} stream has limits retention (created by an older Hotpath); it must be \
-         migrated to a work queue first"
-    );
     Ok(())
 }
 
