@@ -2,9 +2,11 @@
 
 use hotpath_testkit as support;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::ws::{connect, next_of};
 use support::{System, text};
 use uuid::Uuid;
 
@@ -315,13 +317,8 @@ async fn every_rejection_has_its_status_and_code() {
         );
     }
 
-    // The blocked user's message to everyone is refused too, and so is the blocker's.
-    assert_eq!(
-        code_of(&system, "mallory", text(conversation, "hi"))
-            .await
-            .1,
-        "USER_BLOCKED"
-    );
+    // A message only to the one blocked is refused to the blocker too (a block keeps the pair
+    // apart either way; what it does to group messages: see the blocks tests below).
     assert_eq!(
         code_of(&system, "bob", with("recipientIds", json!(["mallory"])))
             .await
@@ -708,23 +705,50 @@ async fn a_change_made_through_one_gateway_reaches_another_gateways_cache() {
         )
         .await;
     assert_eq!(removed.status(), 200);
+    let refused = until_status(
+        || send_via_other("bob", text(conversation, "still here?")),
+        403,
+        "the other gateway kept its stale membership",
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], "NOT_CONVERSATION_MEMBER");
+
+    // The same for blocks, both ways: the other gateway caches dave's blocks (none)...
+    let direct = system.conversation("alice", "direct", &["dave"]).await;
+    let to_alice = || send_via_other("dave", text(direct, "hi alice"));
+    assert_eq!(to_alice().await.unwrap().status(), 202);
+    // ...alice blocks him through the first gateway, and the other refuses his message...
+    let blocked = system
+        .post("alice", "/v1/blocks", json!({"userId": "dave"}))
+        .await;
+    assert_eq!(blocked.status(), 201);
+    let refused = until_status(to_alice, 409, "the other gateway missed the block").await;
+    assert_eq!(refused["error"]["code"], "USER_BLOCKED");
+    // ...and takes it again once she lifts the block there.
+    assert_eq!(
+        system.delete("alice", "/v1/blocks/dave").await.status(),
+        204
+    );
+    until_status(to_alice, 202, "the other gateway missed the unblock").await;
+    shutdown.cancel();
+}
+
+/// Repeats `attempt` until it answers `status` (within 5 s, else fails saying `stale`) and
+/// returns that answer's body.
+async fn until_status<F, R>(attempt: F, status: u16, stale: &str) -> Value
+where
+    F: Fn() -> R,
+    R: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+{
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let response = send_via_other("bob", text(conversation, "still here?"))
-            .await
-            .unwrap();
-        if response.status() == 403 {
-            let body: Value = response.json().await.unwrap();
-            assert_eq!(body["error"]["code"], "NOT_CONVERSATION_MEMBER");
-            break;
+        let response = attempt().await.expect("request completes");
+        if response.status() == status {
+            return response.json().await.unwrap_or(Value::Null);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the other gateway kept its stale membership"
-        );
+        assert!(std::time::Instant::now() < deadline, "{stale}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1317,4 +1341,320 @@ async fn membership_changes_past_the_users_rate_get_429_with_retry_after() {
         add_member(&system, "bob", conversation, "dave").await.0,
         200
     );
+}
+
+// ---- blocks ----
+
+/// Asserts the persisted recipients of each message (by the send's answer).
+async fn assert_recipients(system: &System, expected: &[(&Value, &[&str])]) {
+    for (ack, recipients) in expected {
+        let id = Uuid::parse_str(ack["messageId"].as_str().expect("a messageId")).expect("a UUID");
+        let (stored,): (Vec<String>,) =
+            sqlx::query_as("SELECT recipient_ids FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&system.pool)
+                .await
+                .expect("the message is stored");
+        assert_eq!(stored, *recipients, "{ack}");
+    }
+}
+
+/// (messageId, userId) of every push task in `PUSH`. No push worker runs in these tests, so
+/// the work queue keeps every task the consumers scheduled.
+async fn push_tasks(system: &System) -> BTreeSet<(String, String)> {
+    let js = system.jetstream().await;
+    let stream = js
+        .get_stream(hotpath_core::names::PUSH_STREAM)
+        .await
+        .expect("PUSH stream");
+    let state = stream.cached_info().state.clone();
+    let mut tasks = BTreeSet::new();
+    if state.messages == 0 {
+        return tasks;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let entry = stream.get_raw_message(seq).await.expect("a push task");
+        let task: Value = serde_json::from_slice(&entry.payload).expect("a task is JSON");
+        tasks.insert((
+            task["messageId"].as_str().expect("messageId").to_string(),
+            task["userId"].as_str().expect("userId").to_string(),
+        ));
+    }
+    tasks
+}
+
+/// Waits until `PUSH` holds at least every task in `expected`, and returns all it holds.
+async fn wait_for_push_tasks(
+    system: &System,
+    expected: &BTreeSet<(String, String)>,
+) -> BTreeSet<(String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let tasks = push_tasks(system).await;
+        if tasks.is_superset(expected) || std::time::Instant::now() > deadline {
+            return tasks;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pair(message: &Value, user: &str) -> (String, String) {
+    (
+        message["messageId"]
+            .as_str()
+            .expect("messageId")
+            .to_string(),
+        user.to_string(),
+    )
+}
+
+async fn unblock(system: &System, user: &str, other: &str) -> (u16, Value) {
+    let path = format!("/v1/blocks/{other}");
+    call(system, reqwest::Method::DELETE, Some(user), &path, None).await
+}
+
+async fn blocks_of(system: &System, user: &str) -> Value {
+    let (status, list) = call(system, reqwest::Method::GET, Some(user), "/v1/blocks", None).await;
+    assert_eq!(status, 200, "{list}");
+    list
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_leaves_the_pair_out_of_each_others_group_messages_and_refuses_their_direct_ones() {
+    let system = System::start().await;
+    let group = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let direct = system.conversation("alice", "direct", &["carol"]).await;
+    // Everyone is offline with a phone, so every recipient gets a push task.
+    for user in ["alice", "bob", "carol"] {
+        let device = json!({"platform": "fcm", "token": format!("fcm-{user}"), "appId": "chat"});
+        assert_eq!(register_device(&system, user, device).await.0, 201);
+    }
+    let blocked = system
+        .post("carol", "/v1/blocks", json!({"userId": "alice"}))
+        .await;
+    assert_eq!(blocked.status(), 201);
+
+    // Alice, the one blocked, still speaks to the group: bob hears her, carol does not.
+    let (status, from_alice) = system.send("alice", text(group, "hello all")).await;
+    assert_eq!(status, 202, "{from_alice}");
+    // Nor does alice hear carol: the block keeps the pair apart whoever made it.
+    let (status, from_carol) = system.send("carol", text(group, "hi bob")).await;
+    assert_eq!(status, 202, "{from_carol}");
+    // Naming carol among the recipients leaves her out; naming only her is refused.
+    let mut named = text(group, "to you two");
+    named["recipientIds"] = json!(["bob", "carol"]);
+    let (status, named) = system.send("alice", named).await;
+    assert_eq!(status, 202, "{named}");
+    let mut only_carol = text(group, "just you");
+    only_carol["recipientIds"] = json!(["carol"]);
+    assert_eq!(
+        code_of(&system, "alice", only_carol).await,
+        (409, "USER_BLOCKED".to_string())
+    );
+    // A direct conversation across the block is refused, both ways, as before.
+    for sender in ["alice", "carol"] {
+        assert_eq!(
+            code_of(&system, sender, text(direct, "hi")).await,
+            (409, "USER_BLOCKED".to_string()),
+            "{sender} in the direct conversation"
+        );
+    }
+    // Bob is not part of the block: both hear him.
+    let (status, from_bob) = system.send("bob", text(group, "hi both")).await;
+    assert_eq!(status, 202, "{from_bob}");
+
+    assert_eq!(
+        system.wait_for_messages(4, Duration::from_secs(10)).await,
+        4
+    );
+    assert_recipients(
+        &system,
+        &[
+            (&from_alice, &["bob"]),
+            (&from_carol, &["bob"]),
+            (&named, &["bob"]),
+            (&from_bob, &["alice", "carol"]),
+        ],
+    )
+    .await;
+
+    // Pushes follow the recipients: one task per recipient, none across the block.
+    let expected: BTreeSet<(String, String)> = [
+        pair(&from_alice, "bob"),
+        pair(&from_carol, "bob"),
+        pair(&named, "bob"),
+        pair(&from_bob, "alice"),
+        pair(&from_bob, "carol"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(wait_for_push_tasks(&system, &expected).await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unblocking_lets_the_pair_hear_each_other_again_and_the_list_follows() {
+    let system = System::start().await;
+    let group = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let direct = system.conversation("alice", "direct", &["carol"]).await;
+    let unblock = |user, other| unblock(&system, user, other);
+
+    // Nothing to unblock yet.
+    let (status, error) = unblock("carol", "alice").await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("BLOCK_NOT_FOUND")),
+        "{error}"
+    );
+    assert_eq!(blocks_of(&system, "carol").await, json!({"blocks": []}));
+
+    let (status, created) = call(
+        &system,
+        reqwest::Method::POST,
+        Some("carol"),
+        "/v1/blocks",
+        Some(json!({"userId": "alice"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert!(created["createdAt"].is_string(), "{created}");
+    assert_eq!(
+        blocks_of(&system, "carol").await,
+        json!({"blocks": [{"userId": "alice", "createdAt": created["createdAt"]}]})
+    );
+    // The list is of the blocks one made: alice does not learn who blocked her from it.
+    assert_eq!(blocks_of(&system, "alice").await, json!({"blocks": []}));
+
+    // Carol listens; while the block stands (and is cached by the gateway), alice's group
+    // message is not hers and the direct one is refused.
+    let mut carol = connect(&system, &system.base, "carol").await;
+    let (status, while_blocked) = system.send("alice", text(group, "anyone?")).await;
+    assert_eq!(status, 202, "{while_blocked}");
+    assert_eq!(
+        code_of(&system, "alice", text(direct, "hi")).await,
+        (409, "USER_BLOCKED".to_string())
+    );
+
+    // Unblocked: 204, the list forgets it, a second unblock finds nothing.
+    let (status, body) = unblock("carol", "alice").await;
+    assert_eq!((status, body), (204, Value::Null));
+    assert_eq!(blocks_of(&system, "carol").await, json!({"blocks": []}));
+    let (status, error) = unblock("carol", "alice").await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (404, Some("BLOCK_NOT_FOUND"))
+    );
+    // Only the blocker can lift a block: alice never blocked carol.
+    assert_eq!(unblock("alice", "carol").await.0, 404);
+
+    // Alice's messages reach carol again, in the group and directly.
+    let (status, to_group) = system.send("alice", text(group, "back again")).await;
+    assert_eq!(status, 202, "{to_group}");
+    let (status, to_carol) = system.send("alice", text(direct, "hi carol")).await;
+    assert_eq!(status, 202, "{to_carol}");
+    // The first two messages carol's socket gets are these (in either order: the two
+    // conversations are on different partitions); the one sent while blocked never comes,
+    // and would have come first, being the same conversation's earlier message.
+    let mut received = BTreeSet::new();
+    for _ in 0..2 {
+        let frame = next_of(&mut carol, "message.new").await;
+        received.insert(frame["message"]["messageId"].as_str().unwrap().to_string());
+    }
+    let expected: BTreeSet<String> = [&to_group, &to_carol]
+        .iter()
+        .map(|ack| ack["messageId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(received, expected);
+
+    assert_eq!(
+        system.wait_for_messages(3, Duration::from_secs(10)).await,
+        3
+    );
+    assert_recipients(
+        &system,
+        &[
+            (&while_blocked, &["bob"]),
+            (&to_group, &["bob", "carol"]),
+            (&to_carol, &["carol"]),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_oneself_or_an_invalid_id_is_400_and_blocking_twice_keeps_the_first_block() {
+    let system = System::start().await;
+    let block = |user: Option<&'static str>, body: Value| {
+        call(
+            &system,
+            reqwest::Method::POST,
+            user,
+            "/v1/blocks",
+            Some(body),
+        )
+    };
+    for (body, message) in [
+        (json!({"userId": "alice"}), "cannot block yourself"),
+        (json!({"userId": "not a user id"}), "not a valid user id"),
+        (json!({"userId": ""}), "not a valid user id"),
+    ] {
+        let (status, error) = block(Some("alice"), body.clone()).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        assert_eq!(error["error"]["code"], "INVALID_SCHEMA", "{body}");
+        assert_eq!(error["error"]["details"]["field"], "userId", "{body}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(message),
+            "{body}: {error}"
+        );
+    }
+    for body in [
+        json!({}),
+        json!({"userId": 7}),
+        json!({"userId": "bob", "x": 1}),
+    ] {
+        let (status, error) = block(Some("alice"), body.clone()).await;
+        assert_eq!(status, 400, "{body}: {error}");
+    }
+    let (status, error) = call(
+        &system,
+        reqwest::Method::DELETE,
+        Some("alice"),
+        "/v1/blocks/not%20a%20user%20id",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (400, Some("INVALID_SCHEMA")),
+        "{error}"
+    );
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/blocks"),
+        (reqwest::Method::DELETE, "/v1/blocks/bob"),
+    ] {
+        assert_eq!(call(&system, method, None, path, None).await.0, 401);
+    }
+    assert_eq!(block(None, json!({"userId": "bob"})).await.0, 401);
+
+    // A repeated block (a retried request) is no error and keeps the first one's time.
+    let (status, first) = block(Some("alice"), json!({"userId": "bob"})).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = block(Some("alice"), json!({"userId": "bob"})).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, first);
+    assert_eq!(
+        again,
+        json!({"blockerId": "alice", "blockedId": "bob", "createdAt": first["createdAt"]})
+    );
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM blocks")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
 }

@@ -69,6 +69,9 @@ pub enum Rejection {
     /// a credential for pushing to someone's phone.
     #[error("device not found")]
     DeviceNotFound,
+    /// The caller has not blocked `user_id` (`DELETE /v1/blocks/{userId}`).
+    #[error("you have not blocked {user_id}")]
+    BlockNotFound { user_id: String },
     #[error("no such route")]
     RouteNotFound,
     #[error("payload larger than {limit_bytes} bytes")]
@@ -130,6 +133,7 @@ impl Rejection {
             Rejection::ConversationNotFound { .. }
             | Rejection::MessageNotFound { .. }
             | Rejection::DeviceNotFound
+            | Rejection::BlockNotFound { .. }
             | Rejection::RouteNotFound => 404,
             Rejection::ConversationInactive { .. }
             | Rejection::UserBlocked { .. }
@@ -164,6 +168,7 @@ impl Rejection {
             Rejection::SyncInProgress => "SYNC_IN_PROGRESS",
             Rejection::MessageNotFound { .. } => "MESSAGE_NOT_FOUND",
             Rejection::DeviceNotFound => "DEVICE_NOT_FOUND",
+            Rejection::BlockNotFound { .. } => "BLOCK_NOT_FOUND",
             Rejection::RouteNotFound => "NOT_FOUND",
             Rejection::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Rejection::RateLimitExceeded { .. } => "RATE_LIMIT_EXCEEDED",
@@ -196,6 +201,7 @@ impl Rejection {
             Rejection::SyncInProgress => "sync_in_progress",
             Rejection::MessageNotFound { .. } => "message_not_found",
             Rejection::DeviceNotFound => "device_not_found",
+            Rejection::BlockNotFound { .. } => "block_not_found",
             Rejection::RouteNotFound => "route_not_found",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::RateLimitExceeded { .. } => "rate_limit_exceeded",
@@ -271,6 +277,7 @@ impl Rejection {
             } => json!({ "maxMembers": max_members }),
             Rejection::SyncInProgress => json!({}),
             Rejection::MessageNotFound { message_id } => json!({ "messageId": message_id }),
+            Rejection::BlockNotFound { user_id } => json!({ "userId": user_id }),
             Rejection::DeviceNotFound | Rejection::RouteNotFound => json!({}),
             Rejection::PayloadTooLarge { limit_bytes } => json!({ "limitBytes": limit_bytes }),
             Rejection::RateLimitExceeded { retry_after_secs }

@@ -135,7 +135,11 @@ pub async fn router(
             "/v1/conversations/{id}/settings",
             put(routes::conversations::update_settings),
         )
-        .route("/v1/blocks", post(routes::conversations::block))
+        .route(
+            "/v1/blocks",
+            post(routes::blocks::block).get(routes::blocks::list),
+        )
+        .route("/v1/blocks/{user_id}", delete(routes::blocks::unblock))
         .route(
             "/v1/devices",
             post(routes::devices::register).get(routes::devices::list),

@@ -1,7 +1,8 @@
 //! The minimum of conversation management needed to send anything: create a conversation,
-//! add and remove members, deactivate it, block a user. Every change of membership or state is
-//! announced so all gateways drop their cached facts. Also the conversation's push setting,
-//! which no gateway caches: the push workers read it for every push.
+//! add and remove members, deactivate it (blocks are `routes::blocks`). Every change of
+//! membership or state is announced so all gateways drop their cached facts. Also the
+//! conversation's push setting, which no gateway caches: the push workers read it for every
+//! push.
 //!
 //! Two limits keep membership from becoming a way to hurt everyone else:
 //! * a conversation has at most `HOTPATH_MAX_MEMBERS` active members (1,000 by default, the
@@ -274,44 +275,6 @@ pub async fn update_settings(
     })))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Block {
-    user_id: String,
-}
-
-/// `POST /v1/blocks`: the caller blocks a user; messages between them are refused both ways.
-pub async fn block(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let user_id = authenticate(&state, &headers)?;
-    let request: Block = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
-    if !is_valid_user_id(&request.user_id) || request.user_id == user_id {
-        return Err(invalid("userId must be another valid user id", "userId").into());
-    }
-    sqlx::query(
-        "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(&user_id)
-    .bind(&request.user_id)
-    .execute(&state.pool)
-    .await
-    .map_err(db_error)?;
-    state
-        .facts
-        .announce(Invalidation::users(vec![
-            user_id.clone(),
-            request.user_id.clone(),
-        ]))
-        .await;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"blockerId": user_id, "blockedId": request.user_id})),
-    ))
-}
-
 /// The conversation `id`, if it exists and `user_id` is an active member of it.
 pub async fn member_of(
     state: &AppState,
@@ -370,7 +333,7 @@ async fn changed(
     }))
 }
 
-fn invalid(message: &str, field: &str) -> Rejection {
+pub(crate) fn invalid(message: &str, field: &str) -> Rejection {
     Rejection::InvalidSchema {
         message: message.into(),
         details: json!({"field": field}),

@@ -1,5 +1,6 @@
 //! The HTTP API, one file per resource (and the WebSocket upgrade, `ws`).
 
+pub mod blocks;
 pub mod conversations;
 pub mod devices;
 pub mod health;

@@ -9,6 +9,7 @@
 //! A `send` frame on a WebSocket (`routes::ws`) takes the same path from [`accept`] on: only
 //! how the user and the body arrive differs.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use axum::Json;
@@ -25,6 +26,7 @@ use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use uuid::Uuid;
 
+use crate::facts::ConversationFacts;
 use crate::http::{ApiError, authenticate, read_json, typed};
 use crate::state::{Accepted, AppState};
 
@@ -183,14 +185,12 @@ pub async fn accept(
         priority: &priority,
     });
     let message_id = message_id(&key, &digest);
-    let recipient_ids = request.recipient_ids.unwrap_or_else(|| {
-        conversation
-            .active_members
-            .iter()
-            .filter(|m| **m != user_id)
-            .cloned()
-            .collect()
-    });
+    let recipient_ids = recipients(
+        request.recipient_ids,
+        &conversation,
+        &user_id,
+        &sender_blocks,
+    );
     let envelope = Envelope {
         version: ENVELOPE_VERSION,
         message_id,
@@ -250,6 +250,29 @@ pub async fn accept(
     })
 }
 
+/// Who the message goes to: the recipients the sender named, or else every other active
+/// member, less everyone a block stands between with the sender (whichever of the two made
+/// it). A block keeps the pair apart without silencing the sender for the rest of a group;
+/// fanout and pushes follow these recipients, so the one kept apart hears nothing. A send
+/// that blocks leave with nobody was refused by the policy chain (`authz`).
+fn recipients(
+    named: Option<Vec<String>>,
+    conversation: &ConversationFacts,
+    sender: &str,
+    blocks: &HashSet<String>,
+) -> Vec<String> {
+    let mut recipients = named.unwrap_or_else(|| {
+        conversation
+            .active_members
+            .iter()
+            .filter(|m| *m != sender)
+            .cloned()
+            .collect()
+    });
+    recipients.retain(|r| !blocks.contains(r));
+    recipients
+}
+
 /// The caller's `X-Correlation-Id` if it is a UUID, else a fresh one.
 fn correlation_id(headers: &HeaderMap) -> Uuid {
     headers
@@ -257,4 +280,46 @@ fn correlation_id(headers: &HeaderMap) -> Uuid {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| Uuid::parse_str(v).ok())
         .unwrap_or_else(Uuid::new_v4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(members: &[&str]) -> ConversationFacts {
+        ConversationFacts {
+            id: Uuid::nil(),
+            kind: "group".into(),
+            is_active: true,
+            active_members: members.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    type Users = &'static [&'static str];
+
+    fn list(users: &[&str]) -> Vec<String> {
+        users.iter().map(|u| u.to_string()).collect()
+    }
+
+    #[test]
+    fn a_block_leaves_only_the_pair_out() {
+        let three = group(&["alice", "bob", "carol"]);
+        // (recipients named in the request, the sender's blocks, the recipients)
+        let cases: [(Option<Users>, Users, Users); 6] = [
+            (None, &[], &["bob", "carol"]),
+            (None, &["carol"], &["bob"]),
+            (None, &["carol", "mallory"], &["bob"]),
+            (None, &["bob", "carol"], &[]),
+            (Some(&["carol", "bob"]), &["carol"], &["bob"]),
+            (Some(&["bob"]), &["carol"], &["bob"]),
+        ];
+        for (named, blocks, expected) in cases {
+            let blocks: HashSet<String> = list(blocks).into_iter().collect();
+            assert_eq!(
+                recipients(named.map(list), &three, "alice", &blocks),
+                expected,
+                "{named:?} with blocks {blocks:?}"
+            );
+        }
+    }
 }

@@ -1,11 +1,17 @@
-//! The `authz` policy: the gateway's native `authz` check (`gateway/src/checks/authz.rs`) as a
-//! WebAssembly module, against the facts the host passes in.
+//! The `authz` policy: who may send to whom, against the facts the host passes in.
 //!
-//! Order matters and follows the native check: spoofed sender, then the conversation exists, is
-//! active, the sender is an active member, every explicit recipient is another active member,
-//! and no block stands between the sender and a recipient. It never normalises. It does not
-//! check the request's shape (that is `schema`, which runs first): values of the wrong type are
-//! passed over exactly as the native check passes them over.
+//! Order matters and follows the seed's native check: spoofed sender, then the conversation
+//! exists, is active, the sender is an active member, every explicit recipient is another
+//! active member, and blocks leave the message someone to go to. It never normalises. It does
+//! not check the request's shape (that is `schema`, which runs first): values of the wrong type
+//! are passed over exactly as the native check passed them over.
+//!
+//! A block keeps a pair apart, not a group: the gateway leaves everyone a block stands between
+//! with the sender (whichever of the two made it) out of the message's recipients, so in a
+//! group the others still hear the sender. What this policy refuses is a message that blocks
+//! would leave with no recipient at all: every direct message across a block, and a group
+//! message naming only people the sender is kept apart from. A message that had no recipient
+//! to begin with (a group whose other members all left) is not the blocks' doing and passes.
 
 use hotpath_policy_sdk::rejections::{
     conversation_inactive, conversation_not_found, forbidden, invalid_recipient,
@@ -65,25 +71,22 @@ fn authorize(input: &Input) -> Result<(), Verdict> {
         }
     }
 
-    let blocked = |recipient: &str| input.facts.blocks(recipient);
-    let hit = match explicit {
-        Some(recipients) => recipients
-            .iter()
-            .filter_map(Value::as_str)
-            .find(|r| blocked(r)),
+    let recipients: Vec<&str> = match explicit {
+        Some(recipients) => recipients.iter().filter_map(Value::as_str).collect(),
         None => {
-            // The native check walks a sorted set; the ABI sends `members` sorted, and sorting
-            // here keeps the first hit the same even if a host did not.
+            // The ABI sends `members` sorted; sorting here keeps the named user the same even
+            // if a host did not.
             let mut members: Vec<&str> = conversation.members.iter().map(String::as_str).collect();
             members.sort_unstable();
+            members.retain(|m| *m != user_id);
             members
-                .into_iter()
-                .filter(|m| *m != user_id)
-                .find(|m| blocked(m))
         }
     };
-    if let Some(other) = hit {
-        return Err(user_blocked(user_id, other));
+    // Refused only when blocks leave nobody; the gateway drops the blocked from the rest.
+    if recipients.iter().all(|r| input.facts.blocks(r))
+        && let Some(first) = recipients.first()
+    {
+        return Err(user_blocked(user_id, first));
     }
     Ok(())
 }
@@ -286,23 +289,23 @@ mod tests {
                 ),
             ),
             (
-                json!({"conversationId": c, "recipientIds": ["dave", "bob", "carol"]}),
+                json!({"conversationId": c, "recipientIds": ["carol", "bob"]}),
                 Some(&open),
-                &["carol", "bob"],
+                &["bob", "carol"],
                 Verdict::reject(
                     Code::UserBlocked,
-                    "a block between alice and bob prevents this message",
-                    json!({"userId": "alice", "otherUserId": "bob"}),
+                    "a block between alice and carol prevents this message",
+                    json!({"userId": "alice", "otherUserId": "carol"}),
                 ),
             ),
             (
                 json!({"conversationId": c}),
                 Some(&open),
-                &["dave", "carol"],
+                &["dave", "carol", "bob"],
                 Verdict::reject(
                     Code::UserBlocked,
-                    "a block between alice and carol prevents this message",
-                    json!({"userId": "alice", "otherUserId": "carol"}),
+                    "a block between alice and bob prevents this message",
+                    json!({"userId": "alice", "otherUserId": "bob"}),
                 ),
             ),
         ];
@@ -313,6 +316,39 @@ mod tests {
                 "{request}"
             );
         }
+    }
+
+    #[test]
+    fn a_block_is_refused_only_when_it_leaves_no_recipient() {
+        let group = conversation(true, &["alice", "bob", "carol"]);
+        let direct = Conversation {
+            kind: "direct".into(),
+            ..conversation(true, &["alice", "carol"])
+        };
+        let to = |recipients: Value| json!({"conversationId": "c", "recipientIds": recipients});
+        // In a group the others still hear the sender (the gateway leaves carol out)...
+        assert_eq!(code(json!({}), Some(&group), &["carol"]), None);
+        assert_eq!(
+            code(to(json!(["bob", "carol"])), Some(&group), &["carol"]),
+            None
+        );
+        // ...but naming only people the sender is kept apart from reaches nobody.
+        assert_eq!(
+            code(to(json!(["carol"])), Some(&group), &["carol"]),
+            Some("USER_BLOCKED")
+        );
+        assert_eq!(
+            code(json!({}), Some(&group), &["bob", "carol"]),
+            Some("USER_BLOCKED")
+        );
+        // A direct message across a block has nobody else to go to.
+        assert_eq!(
+            code(json!({}), Some(&direct), &["carol"]),
+            Some("USER_BLOCKED")
+        );
+        // A group with nobody else in it was empty before any block.
+        let alone = conversation(true, &["alice"]);
+        assert_eq!(code(json!({}), Some(&alone), &["carol"]), None);
     }
 
     #[test]
