@@ -64,7 +64,7 @@ pub async fn spawn_gateway(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
-    let verifier = TokenVerifier::from_config(&config)?;
+    let verifier = TokenVerifier::load(&config).await?;
     let nats = streams::connect(&config.nats_url, "hotpath-gateway").await?;
     let pool = db::connect(&config.database_url, config.db_max_connections).await?;
     let listener = TcpListener::bind(config.listen)

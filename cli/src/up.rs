@@ -75,6 +75,7 @@ pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyh
     if config.jwt_secret.is_none()
         && config.jwt_secret_file.is_none()
         && config.jwt_public_key_file.is_none()
+        && config.jwt_jwks_url.is_none()
     {
         config.jwt_secret_file = Some(ensure_dev_secret(&data_dir)?);
     }

@@ -10,7 +10,10 @@
 //! shorter than [`MIN_HS256_SECRET_BYTES`] is refused at start-up: an empty one is a key
 //! anyone can sign with, a short one can be guessed offline from a single token.
 
+mod jwks;
+
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -18,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::rejection::Rejection;
+
+pub use jwks::{MIN_REFETCH, REFRESH_EVERY};
 
 /// Longest accepted user id.
 pub const MAX_USER_ID_LEN: usize = 128;
@@ -33,13 +38,60 @@ pub struct Claims {
     pub iat: u64,
 }
 
-/// Checks bearer tokens against one key.
+/// Checks bearer tokens against one key, or against the identity provider's key set.
 pub struct TokenVerifier {
-    key: DecodingKey,
+    keys: Keys,
+    /// The claims checks, and the one algorithm of a single key (a key set's keys each bring
+    /// their own).
     validation: Validation,
 }
 
+enum Keys {
+    Single(DecodingKey),
+    Set(Arc<jwks::Jwks>),
+}
+
+/// Why a token was not verified: refused outright, or signed by a key the cached set lacks.
+enum Refusal {
+    Rejected(Rejection),
+    UnknownKey,
+}
+
+fn unauthorized(reason: &str) -> Rejection {
+    Rejection::Unauthorized {
+        reason: reason.to_string(),
+    }
+}
+
+impl From<Refusal> for Rejection {
+    fn from(refusal: Refusal) -> Rejection {
+        match refusal {
+            Refusal::Rejected(rejection) => rejection,
+            Refusal::UnknownKey => unauthorized("invalid token: unknown signing key (kid)"),
+        }
+    }
+}
+
 impl TokenVerifier {
+    /// The verifier the configuration asks for, in order of precedence: the identity provider's
+    /// key set (`HOTPATH_JWT_JWKS_URL`, fetched now), a public key file, the HS256 secret.
+    pub async fn load(config: &Config) -> anyhow::Result<TokenVerifier> {
+        let Some(url) = &config.jwt_jwks_url else {
+            return TokenVerifier::from_config(config);
+        };
+        let mut validation = validation(Algorithm::RS256);
+        expect_claims(
+            &mut validation,
+            config.jwt_issuer.as_deref(),
+            config.jwt_audience.as_deref(),
+            config.jwt_leeway_secs,
+        );
+        Ok(TokenVerifier {
+            keys: Keys::Set(jwks::Jwks::load(url).await?),
+            validation,
+        })
+    }
+
     pub fn hs256(secret: &[u8]) -> TokenVerifier {
         TokenVerifier::new(DecodingKey::from_secret(secret), Algorithm::HS256)
     }
@@ -54,8 +106,8 @@ impl TokenVerifier {
         Ok(TokenVerifier::new(key, Algorithm::ES256))
     }
 
-    /// The verifier the configuration asks for: a public key file, else the HS256 secret;
-    /// with the issuer, audience and leeway it sets.
+    /// A verifier from key material in the configuration: a public key file, else the HS256
+    /// secret; with the issuer, audience and leeway it sets.
     pub fn from_config(config: &Config) -> anyhow::Result<TokenVerifier> {
         let verifier = match &config.jwt_public_key_file {
             Some(path) => {
@@ -74,7 +126,7 @@ impl TokenVerifier {
 
     fn new(key: DecodingKey, algorithm: Algorithm) -> TokenVerifier {
         TokenVerifier {
-            key,
+            keys: Keys::Single(key),
             validation: validation(algorithm),
         }
     }
@@ -91,26 +143,65 @@ impl TokenVerifier {
         self
     }
 
-    /// The user id of a valid `Authorization` header value.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<String, Rejection> {
-        self.verify_bearer(header).map(|verified| verified.user_id)
-    }
-
     /// A valid `Authorization` header value's user id and expiry: what a WebSocket, which
     /// outlives the request that opened it, needs to know when to close.
+    ///
+    /// Never waits on the network. A token signed by a key the cached set lacks is refused,
+    /// and the set is fetched again in the background (rate-limited), so a retry finds the
+    /// provider's new key; [`TokenVerifier::verify_bearer_or_refetch`] waits for it instead.
     pub fn verify_bearer(&self, header: Option<&str>) -> Result<Verified, Rejection> {
-        let unauthorized = |reason: &str| Rejection::Unauthorized {
-            reason: reason.to_string(),
+        let refusal = match self.check(header) {
+            Ok(verified) => return Ok(verified),
+            Err(refusal) => refusal,
         };
-        let header = header.ok_or_else(|| unauthorized("missing bearer token"))?;
+        if let (Refusal::UnknownKey, Keys::Set(set)) = (&refusal, &self.keys)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let set = Arc::clone(set);
+            runtime.spawn(async move { set.refetch_for_unknown_kid().await });
+        }
+        Err(refusal.into())
+    }
+
+    /// [`TokenVerifier::verify_bearer`], except that a token signed by a key the cached set
+    /// lacks waits for the set to be fetched again (at most once per [`MIN_REFETCH`] across
+    /// all requests) and is checked once more: the first token of a rotated key is accepted.
+    /// Every other token is checked without waiting.
+    pub async fn verify_bearer_or_refetch(
+        &self,
+        header: Option<&str>,
+    ) -> Result<Verified, Rejection> {
+        match (self.check(header), &self.keys) {
+            (Err(Refusal::UnknownKey), Keys::Set(set)) => {
+                set.refetch_for_unknown_kid().await;
+                self.check(header).map_err(Rejection::from)
+            }
+            (checked, _) => checked.map_err(Rejection::from),
+        }
+    }
+
+    fn check(&self, header: Option<&str>) -> Result<Verified, Refusal> {
+        let rejected = |reason: &str| Refusal::Rejected(unauthorized(reason));
+        let header = header.ok_or_else(|| rejected("missing bearer token"))?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| unauthorized("authorization must be a bearer token"))?;
-        let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.key, &self.validation)
-            .map_err(|e| unauthorized(&format!("invalid token: {e}")))?;
+            .ok_or_else(|| rejected("authorization must be a bearer token"))?
+            .trim();
+        let invalid = |e: jsonwebtoken::errors::Error| rejected(&format!("invalid token: {e}"));
+        let data = match &self.keys {
+            Keys::Single(key) => jsonwebtoken::decode::<Claims>(token, key, &self.validation),
+            Keys::Set(set) => {
+                let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+                let signing = set.get(header.kid.as_deref()).ok_or(Refusal::UnknownKey)?;
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![signing.algorithm];
+                jsonwebtoken::decode::<Claims>(token, &signing.key, &validation)
+            }
+        }
+        .map_err(invalid)?;
         if !is_valid_user_id(&data.claims.sub) {
-            return Err(unauthorized("token subject is not a valid user id"));
+            return Err(rejected("token subject is not a valid user id"));
         }
         Ok(Verified {
             user_id: data.claims.sub,
@@ -230,14 +321,18 @@ pub fn is_valid_user_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
+    impl TokenVerifier {
+        fn user_of(&self, header: Option<&str>) -> Result<String, Rejection> {
+            self.verify_bearer(header).map(|verified| verified.user_id)
+        }
+    }
+
     #[test]
     fn minted_tokens_verify_and_name_their_subject() {
         let token = mint_hs256_token(b"secret", "alice", 60).unwrap();
         let verifier = TokenVerifier::hs256(b"secret");
         assert_eq!(
-            verifier
-                .verify_header(Some(&format!("Bearer {token}")))
-                .unwrap(),
+            verifier.user_of(Some(&format!("Bearer {token}"))).unwrap(),
             "alice"
         );
     }
@@ -258,7 +353,7 @@ mod tests {
         let token = mint_hs256_token(b"secret", "alice", 60).unwrap();
         let other = TokenVerifier::hs256(b"other");
         for header in [Some(format!("Bearer {token}")), None, Some(token.clone())] {
-            let rejection = other.verify_header(header.as_deref()).unwrap_err();
+            let rejection = other.user_of(header.as_deref()).unwrap_err();
             assert_eq!(rejection.code(), "UNAUTHORIZED");
         }
     }
@@ -279,19 +374,13 @@ mod tests {
         let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap();
         let verifier = TokenVerifier::from_public_key_pem(ES256_PUBLIC.as_bytes()).unwrap();
         assert_eq!(
-            verifier
-                .verify_header(Some(&format!("Bearer {token}")))
-                .unwrap(),
+            verifier.user_of(Some(&format!("Bearer {token}"))).unwrap(),
             "carol"
         );
 
         // An HS256 token signed with the public key's bytes must not pass (algorithm confusion).
         let forged = mint_hs256_token(ES256_PUBLIC.as_bytes(), "carol", 60).unwrap();
-        assert!(
-            verifier
-                .verify_header(Some(&format!("Bearer {forged}")))
-                .is_err()
-        );
+        assert!(verifier.user_of(Some(&format!("Bearer {forged}"))).is_err());
     }
 
     #[test]
@@ -346,7 +435,7 @@ mod tests {
             "iss": "https://idp.example", "aud": ["other", "hotpath"],
         });
         assert_eq!(
-            verifier.verify_header(Some(&signed(good.clone()))).unwrap(),
+            verifier.user_of(Some(&signed(good.clone()))).unwrap(),
             "alice"
         );
 
@@ -372,7 +461,7 @@ mod tests {
             ),
         ];
         for (case, claims) in refused {
-            let rejection = verifier.verify_header(Some(&signed(claims))).unwrap_err();
+            let rejection = verifier.user_of(Some(&signed(claims))).unwrap_err();
             assert_eq!(rejection.code(), "UNAUTHORIZED", "{case}");
         }
         // Within the leeway, a clock a little behind or ahead is forgiven.
@@ -380,12 +469,12 @@ mod tests {
             with("exp", (now - 20).into()),
             with("nbf", (now + 20).into()),
         ] {
-            assert!(verifier.verify_header(Some(&signed(claims))).is_ok());
+            assert!(verifier.user_of(Some(&signed(claims))).is_ok());
         }
 
         // Without an expected audience, a token naming one is still accepted.
         let plain = TokenVerifier::hs256(SECRET);
-        assert!(plain.verify_header(Some(&signed(good))).is_ok());
+        assert!(plain.user_of(Some(&signed(good))).is_ok());
     }
 
     #[test]

@@ -56,6 +56,12 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
+    /// The identity provider's JWKS URL: tokens are verified against the keys it serves
+    /// (fetched at start, every 5 minutes, and when a token names an unknown `kid`). Takes
+    /// precedence over the public key file and the secret.
+    #[arg(long, env = "HOTPATH_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
     /// The `iss` every token must carry (the identity provider's issuer URL); unset: not checked.
     #[arg(long, env = "HOTPATH_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -455,6 +461,7 @@ impl fmt::Display for Config {
         writeln!(f, "jwt_secret={secret}")?;
         writeln!(f, "jwt_secret_file={:?}", self.jwt_secret_file)?;
         writeln!(f, "jwt_public_key_file={:?}", self.jwt_public_key_file)?;
+        writeln!(f, "jwt_jwks_url={:?}", self.jwt_jwks_url)?;
         writeln!(
             f,
             "jwt_issuer={:?} jwt_audience={:?} jwt_leeway_secs={}",

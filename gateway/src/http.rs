@@ -39,10 +39,17 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The authenticated user of a request.
-pub fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Rejection> {
+/// The authenticated user of a request. Waits on the network only for a token signed by a key
+/// the identity provider's cached key set lacks (see [`TokenVerifier::verify_bearer_or_refetch`]).
+///
+/// [`TokenVerifier::verify_bearer_or_refetch`]: hotpath_core::auth::TokenVerifier::verify_bearer_or_refetch
+pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Rejection> {
     let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-    state.verifier.verify_header(header)
+    state
+        .verifier
+        .verify_bearer_or_refetch(header)
+        .await
+        .map(|verified| verified.user_id)
 }
 
 /// Reads at most `limit` bytes of body and parses them as JSON.

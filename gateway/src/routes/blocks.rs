@@ -52,7 +52,7 @@ pub async fn block(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<BlockView>), ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let request: BlockRequest =
         typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
     let other = other_user(&user_id, &request.user_id)?;
@@ -89,7 +89,7 @@ pub async fn unblock(
     headers: HeaderMap,
     Path(other): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     if !is_valid_user_id(&other) {
         return Err(invalid("not a valid user id", "userId").into());
     }
@@ -113,7 +113,7 @@ pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let blocks: Vec<BlockedUser> = sqlx::query_as(
         "SELECT blocked_id AS user_id, created_at FROM blocks WHERE blocker_id = $1
           ORDER BY created_at DESC, blocked_id",

@@ -69,7 +69,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<ConversationView>), ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     state.membership_rate.check(&user_id)?;
     let request: CreateConversation =
         typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
@@ -151,7 +151,7 @@ pub async fn add_member(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Json<ConversationView>, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     state.membership_rate.check(&user_id)?;
     let request: AddMember = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
     let conversation = member_of(&state, &id, &user_id).await?;
@@ -205,7 +205,7 @@ pub async fn remove_member(
     headers: HeaderMap,
     Path((id, member)): Path<(String, String)>,
 ) -> Result<Json<ConversationView>, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     state.membership_rate.check(&user_id)?;
     let conversation = member_of(&state, &id, &user_id).await?;
     sqlx::query(
@@ -226,7 +226,7 @@ pub async fn deactivate(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<ConversationView>, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let conversation = member_of(&state, &id, &user_id).await?;
     sqlx::query("UPDATE conversations SET is_active = false WHERE id = $1")
         .bind(conversation.id)
@@ -251,7 +251,7 @@ pub async fn update_settings(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let request: Settings = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
     // Someone outside the conversation learns nothing of its settings, not even that it exists.
     let conversation =

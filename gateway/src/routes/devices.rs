@@ -63,7 +63,7 @@ pub async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<DeviceView>), ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let mut request: RegisterDevice =
         typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
     validate(&request)?;
@@ -138,7 +138,7 @@ pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let devices: Vec<DeviceView> = sqlx::query_as(
         "SELECT token, platform, app_id, sandbox, created_at, updated_at
            FROM devices WHERE user_id = $1
@@ -161,7 +161,7 @@ pub async fn remove(
     headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let deleted = sqlx::query(
         "DELETE FROM devices
           WHERE user_id = $2 AND (token = $1 OR (platform = 'apns' AND token = $3))",

@@ -89,7 +89,7 @@ async fn accept_http(
     let _slot = send_slot(state)?;
 
     // 1. Who is sending: the token's subject, never a body field.
-    let user_id = authenticate(state, headers)?;
+    let user_id = authenticate(state, headers).await?;
     state.rate_limit.check(&user_id)?;
 
     // 2. The body, bounded before parsing.

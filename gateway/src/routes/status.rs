@@ -150,7 +150,7 @@ pub async fn status(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<MessageStatus>, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let not_found = || Rejection::MessageNotFound {
         message_id: id.clone(),
     };
@@ -268,7 +268,7 @@ pub async fn history(
     Path(id): Path<String>,
     Query(query): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
-    let user_id = authenticate(&state, &headers)?;
+    let user_id = authenticate(&state, &headers).await?;
     let conversation_id = crate::routes::conversations::member_of(&state, &id, &user_id)
         .await?
         .id;

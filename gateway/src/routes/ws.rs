@@ -36,7 +36,7 @@ pub async fn upgrade(
     query: Result<Query<WsQuery>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let token = match authenticate(&state, &headers, query) {
+    let token = match authenticate(&state, &headers, query).await {
         Ok(token) => token,
         Err(rejection) => return ApiError(rejection).into_response(),
     };
@@ -57,19 +57,20 @@ pub async fn upgrade(
 
 /// The header's bearer token if there is one, else `?token=`: its user, and its expiry, at
 /// which the socket closes unless the client refreshes it.
-fn authenticate(
+async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     query: Result<Query<WsQuery>, QueryRejection>,
 ) -> Result<Verified, Rejection> {
-    if let Some(header) = headers.get(AUTHORIZATION) {
-        return state.verifier.verify_bearer(header.to_str().ok());
-    }
-    let token = query.ok().and_then(|Query(q)| q.token);
-    match token {
-        Some(token) => state
-            .verifier
-            .verify_bearer(Some(&format!("Bearer {token}"))),
-        None => state.verifier.verify_bearer(None),
-    }
+    let header = match headers.get(AUTHORIZATION) {
+        Some(header) => header.to_str().ok().map(str::to_owned),
+        None => query
+            .ok()
+            .and_then(|Query(q)| q.token)
+            .map(|token| format!("Bearer {token}")),
+    };
+    state
+        .verifier
+        .verify_bearer_or_refetch(header.as_deref())
+        .await
 }
