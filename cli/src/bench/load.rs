@@ -36,6 +36,8 @@ pub struct Sender {
     next_seq: AtomicU64,
     /// In delivery mode: the frames accepted sends owe the WebSocket receivers.
     expected: Option<Arc<Expected>>,
+    /// In soak mode: the `messageId` of every accepted send, to check each was stored once.
+    accepted_ids: Option<Arc<std::sync::Mutex<Vec<uuid::Uuid>>>>,
 }
 
 impl Sender {
@@ -46,7 +48,14 @@ impl Sender {
             workload,
             next_seq: AtomicU64::new(0),
             expected: None,
+            accepted_ids: None,
         }
+    }
+
+    /// Keeps the `messageId` of every accepted send in `ids`.
+    pub fn recording(mut self, ids: Arc<std::sync::Mutex<Vec<uuid::Uuid>>>) -> Sender {
+        self.accepted_ids = Some(ids);
+        self
     }
 
     /// Counts, for every accepted send, the frames it owes the delivery receivers.
@@ -77,13 +86,32 @@ impl Sender {
                     expected.accepted(&message.user.id, &message.conversation.members);
                 }
                 match response.bytes().await {
-                    Ok(_) => Outcome::Status(status),
+                    Ok(body) => {
+                        if status == 202
+                            && let Some(ids) = &self.accepted_ids
+                        {
+                            record_message_id(ids, &body);
+                        }
+                        Outcome::Status(status)
+                    }
                     Err(error) => Outcome::from_error(&error),
                 }
             }
             Err(error) => Outcome::from_error(&error),
         }
     }
+}
+
+/// Adds the `messageId` of a 202 body to `ids` (a body without one is a gateway bug the soak's
+/// check then reports as a missing row).
+fn record_message_id(ids: &std::sync::Mutex<Vec<uuid::Uuid>>, body: &[u8]) {
+    let id = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| uuid::Uuid::parse_str(v.get("messageId")?.as_str()?).ok())
+        .unwrap_or_default();
+    ids.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(id);
 }
 
 /// The latency phase's plan.

@@ -15,6 +15,10 @@
 //! With `--delivery`, WebSocket receivers ([`delivery`]) listen through the latency phase and
 //! time every live `message.new` from the message's acceptance to its arrival.
 //!
+//! With `--soak-secs`, [`soak`] replaces all of the above: capacity, then ~80% of it for a long
+//! time, and checks that nothing was refused, lost or duplicated and that the replay window
+//! holds the newest messages (ADR 0004).
+//!
 //! [`stats`] holds what the HTTP phases count and the live progress line.
 
 mod baseline;
@@ -23,6 +27,7 @@ mod drain;
 mod load;
 mod persisted;
 mod report;
+mod soak;
 mod stats;
 mod workload;
 
@@ -119,6 +124,17 @@ pub struct BenchArgs {
     /// at least N).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     pub receivers: u64,
+    /// Soak mode: offer `--soak-share` of the measured capacity (or `--soak-rate`) open loop for
+    /// this many seconds, then verify no errors, no loss, no duplicates and the replay window
+    /// (the other phases are skipped). 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub soak_secs: u64,
+    /// Soak mode: the share of the measured capacity to offer.
+    #[arg(long, default_value_t = 0.8)]
+    pub soak_share: f64,
+    /// Soak mode: offer this rate instead of measuring capacity first.
+    #[arg(long)]
+    pub soak_rate: Option<u32>,
     /// Where the JSON report goes.
     #[arg(long, default_value = "bench.json")]
     pub out: PathBuf,
@@ -218,6 +234,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
+    if args.soak_secs > 0 {
+        return run_soak(&args, &targets, &system, &workload, max_in_flight).await;
+    }
     let mut phases = run_phases(&args, &targets, &system, &workload, max_in_flight).await?;
     if args.drain_messages > 0 {
         let drained = drain::backlog(
@@ -274,6 +293,48 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     report.write_json(&args.out)?;
     println!("report written to {}", args.out.display());
     system.pool.close().await;
+    Ok(())
+}
+
+/// Soak mode: see [`soak`]. Fails (after writing the report) when a check failed.
+async fn run_soak(
+    args: &BenchArgs,
+    targets: &Targets,
+    system: &System,
+    workload: &Arc<Workload>,
+    max_in_flight: usize,
+) -> anyhow::Result<()> {
+    let ids = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sender = Arc::new(
+        Sender::new(system.http.clone(), &targets.gateway, workload.clone()).recording(ids.clone()),
+    );
+    let soak = soak::Soak {
+        sender,
+        ids,
+        nats: &system.nats,
+        pool: &system.pool,
+        workload,
+        partitions: system.partitions,
+    };
+    let report = soak
+        .run(&soak::Plan {
+            secs: args.soak_secs,
+            share: args.soak_share,
+            rate: args.soak_rate,
+            capacity_secs: args.capacity_secs,
+            concurrency: args.concurrency as usize,
+            max_in_flight,
+        })
+        .await?;
+    print!("{}", report.summary());
+    let json = serde_json::to_vec_pretty(&report).context("serialising the soak report")?;
+    std::fs::write(&args.out, json).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("report written to {}", args.out.display());
+    system.pool.close().await;
+    anyhow::ensure!(
+        report.verdict.passed,
+        "the soak found errors, loss or duplicates"
+    );
     Ok(())
 }
 
