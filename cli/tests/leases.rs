@@ -350,13 +350,7 @@ async fn assert_stored_once_in_sending_order(system: &System, sent: &[(Uuid, Vec
         .collect();
     assert_eq!(accepted.len(), total, "every send got its own message id");
     for (conversation, ids) in sent {
-        let by_seq: Vec<(Uuid,)> =
-            sqlx::query_as("SELECT id FROM messages WHERE conversation_id = $1 ORDER BY seq")
-                .bind(conversation)
-                .fetch_all(&system.pool)
-                .await
-                .expect("rows");
-        let by_seq: Vec<Uuid> = by_seq.into_iter().map(|(id,)| id).collect();
+        let by_seq = support::ids_in_seq_order(&system.pool, *conversation).await;
         assert!(
             by_seq == *ids,
             "conversation {conversation}: seq order differs from sending order"

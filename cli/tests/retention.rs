@@ -14,7 +14,7 @@ use hotpath_core::envelope::Envelope;
 use hotpath_core::names;
 use serde_json::{Value, json};
 use support::ws::{connect, next_of, send_frame};
-use support::{System, text};
+use support::{System, message_id_of, text};
 use uuid::Uuid;
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -24,13 +24,6 @@ fn message(conversation: Uuid, client_id: &str, chars: usize) -> Value {
     let mut body = text(conversation, &format!("{client_id} {}", "x".repeat(chars)));
     body["clientMessageId"] = json!(client_id);
     body
-}
-
-fn message_id_of(ack: &Value) -> Uuid {
-    ack["messageId"]
-        .as_str()
-        .and_then(|s| Uuid::parse_str(s).ok())
-        .unwrap_or_else(|| panic!("no messageId in {ack}"))
 }
 
 async fn stream_state(js: &jetstream::Context, name: &str) -> jetstream::stream::State {
@@ -58,6 +51,34 @@ async fn wait_until_backlog_empty(js: &jetstream::Context) {
             state.bytes
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (bounded) until every partition's delivery consumer has a worker's pull request
+/// waiting on it: the consumers are past their start-up (leases taken, consumers created).
+async fn wait_until_consumers_pull(js: &jetstream::Context, partitions: u32) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut pulling = 0;
+        if let Ok(stream) = js.get_stream(names::MESSAGES_STREAM).await {
+            for partition in 0..partitions {
+                if let Ok(info) = stream
+                    .consumer_info(names::delivery_consumer(partition))
+                    .await
+                    && info.num_waiting > 0
+                {
+                    pulling += 1;
+                }
+            }
+        }
+        if pulling == partitions {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {pulling} of {partitions} partitions are being pulled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -112,16 +133,17 @@ async fn window_entries(js: &jetstream::Context) -> Vec<(u64, Envelope)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caught_up_system_never_refuses_sends_however_much_it_has_carried() {
-    const SENDS: usize = 1000;
+    const SENDS: usize = 2000;
     const CHARS: usize = 9000;
     let system = System::start_with(|config| {
-        // A backlog of ~220 of these messages; the stream's ceiling twice that, 4 MiB. What is
+        // A backlog of ~440 of these messages; the stream's ceiling twice that, 8 MiB. What is
         // sent in all is more than twice the ceiling.
-        config.backlog_max_bytes = 2 << 20;
-        config.replay_max_bytes = 2 << 20;
+        config.backlog_max_bytes = 4 << 20;
+        config.replay_max_bytes = 4 << 20;
     })
     .await;
     let js = system.jetstream().await;
+    wait_until_consumers_pull(&js, system.config.partitions).await;
     let ceiling = js
         .get_stream(names::MESSAGES_STREAM)
         .await
@@ -129,7 +151,7 @@ async fn a_caught_up_system_never_refuses_sends_however_much_it_has_carried() {
         .cached_info()
         .config
         .max_bytes;
-    assert_eq!(ceiling, 4 << 20);
+    assert_eq!(ceiling, 8 << 20);
 
     let mut conversations = Vec::new();
     for _ in 0..8 {
@@ -278,13 +300,7 @@ async fn with_the_consumers_stopped_sends_are_refused_at_the_backlog_bound_and_n
     system.start_consumers().await;
     let accepted: HashSet<Uuid> = sent.iter().copied().collect();
     assert_each_stored_once(&system, &accepted).await;
-    let by_seq: Vec<(Uuid,)> =
-        sqlx::query_as("SELECT id FROM messages WHERE conversation_id = $1 ORDER BY seq")
-            .bind(conversation)
-            .fetch_all(&system.pool)
-            .await
-            .expect("rows");
-    let by_seq: Vec<Uuid> = by_seq.into_iter().map(|(id,)| id).collect();
+    let by_seq = support::ids_in_seq_order(&system.pool, conversation).await;
     assert_eq!(by_seq, sent, "seq follows the order of acceptance");
 
     // And sends are accepted again once the gateway sees the backlog drained.

@@ -334,6 +334,25 @@ impl System {
     }
 }
 
+/// The `messageId` of a 202 answer.
+pub fn message_id_of(ack: &Value) -> Uuid {
+    ack["messageId"]
+        .as_str()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .unwrap_or_else(|| panic!("no messageId in {ack}"))
+}
+
+/// The stored messages of `conversation`, by seq.
+pub async fn ids_in_seq_order(pool: &PgPool, conversation: Uuid) -> Vec<Uuid> {
+    let rows: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT id FROM messages WHERE conversation_id = $1 ORDER BY seq")
+            .bind(conversation)
+            .fetch_all(pool)
+            .await
+            .expect("rows");
+    rows.into_iter().map(|(id,)| id).collect()
+}
+
 /// A minimal valid message body for `conversation`.
 pub fn text(conversation: Uuid, content: &str) -> Value {
     json!({"conversationId": conversation.to_string(), "content": content, "contentType": "text"})
