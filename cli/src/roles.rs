@@ -66,13 +66,15 @@ pub async fn spawn_gateway(
 ) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
     let verifier = TokenVerifier::load(&config).await?;
     let nats = streams::connect(&config.nats_url, "hotpath-gateway").await?;
-    let pool = db::connect(&config.database_url, config.db_max_connections).await?;
+    let databases = hotpath_gateway::Databases::connect(&config).await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the gateway to {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let router = hotpath_gateway::router(config, verifier, pool, nats, shutdown.clone()).await?;
-    let task = tokio::spawn(hotpath_gateway::serve(listener, router, shutdown));
+    let limits = hotpath_gateway::ServerLimits::from_config(&config);
+    let router =
+        hotpath_gateway::router(config, verifier, databases, nats, shutdown.clone()).await?;
+    let task = tokio::spawn(hotpath_gateway::serve(listener, router, limits, shutdown));
     Ok((addr, task))
 }
 

@@ -753,61 +753,58 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_at_capacity_sheds_sends_with_503_and_retry_after() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let system = System::start_with(|config| config.max_in_flight_sends = 1).await;
+    let system = System::start_with(|config| {
+        config.max_in_flight_sends = 1;
+        // The held send waits for a lock; let it wait rather than time out.
+        config.db_statement_timeout_ms = 60_000;
+    })
+    .await;
     let conversation = system.conversation("alice", "group", &["bob"]).await;
 
-    // The one slot is held by a send whose body is still arriving: headers and half the body
-    // written by hand on a plain connection.
-    let body = serde_json::to_vec(&text(conversation, "slow")).unwrap();
-    let head = format!(
-        "POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        system.token("alice"),
-        body.len()
-    );
-    let address = system.base.trim_start_matches("http://").to_string();
-    let hold_slot = || async {
-        let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
-        slow.write_all(head.as_bytes()).await.unwrap();
-        slow.write_all(&body[..5]).await.unwrap();
-        slow
+    // The one slot is held by a send whose conversation facts are still loading: the
+    // conversations table is locked, so the facts query waits.
+    let mut locker = system.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let held = {
+        let request = system
+            .http
+            .post(system.url("/v1/messages"))
+            .bearer_auth(system.token("alice"))
+            .json(&text(conversation, "slow"));
+        tokio::spawn(request.send())
     };
-    let mut slow = hold_slot().await;
-
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let shed = loop {
-        let response = system
-            .post("bob", "/v1/messages", text(conversation, "fast"))
-            .await;
-        if response.status() == 503 {
-            break response;
-        }
-        // Either the slow request's headers have not been handled yet, or they arrived while
-        // this send held the slot and the slow one was shed instead: then it has an answer.
-        let mut peek = [0u8; 1];
-        if let Ok(n) = slow.try_read(&mut peek)
-            && n > 0
-        {
-            slow = hold_slot().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (waiting,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                .fetch_one(&system.pool)
+                .await
+                .unwrap();
+        if waiting > 0 {
+            break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "never shed: {}",
-            response.status()
+            "the held send never reached Postgres"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+
+    let shed = system
+        .post("bob", "/v1/messages", text(conversation, "fast"))
+        .await;
+    assert_eq!(shed.status(), 503);
     assert_eq!(shed.headers()["retry-after"], "1");
     let error: Value = shed.json().await.unwrap();
     assert_eq!(error["error"]["code"], "SERVICE_UNAVAILABLE");
 
-    // Once the slow send completes, it is accepted and the slot is free again.
-    slow.write_all(&body[5..]).await.unwrap();
-    let mut answer = vec![0u8; 12];
-    slow.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"HTTP/1.1 202");
+    // Once the held send completes, it is accepted and the slot is free again.
+    locker.rollback().await.unwrap();
+    let held = held.await.unwrap().unwrap();
+    assert_eq!(held.status(), 202);
     assert_eq!(
         system.send("bob", text(conversation, "fast again")).await.0,
         202

@@ -110,6 +110,25 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_MAX_IN_FLIGHT_SENDS", default_value_t = 8192)]
     pub max_in_flight_sends: usize,
 
+    /// How long a client has to send a request's headers: from connecting, or from the first
+    /// byte of a later request on the connection. A connection that is late is closed.
+    #[arg(long, env = "HOTPATH_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub http_header_timeout_secs: u64,
+
+    /// How long a client has to send a request's whole body once its headers arrived; a late
+    /// body is answered 408 `REQUEST_TIMEOUT` and the connection closed.
+    #[arg(long, env = "HOTPATH_HTTP_BODY_TIMEOUT_SECS", default_value_t = 10)]
+    pub http_body_timeout_secs: u64,
+
+    /// How long a keep-alive connection may sit between requests before it is closed.
+    #[arg(long, env = "HOTPATH_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub http_idle_timeout_secs: u64,
+
+    /// Open connections per gateway, WebSockets included; a connection beyond it is closed as
+    /// soon as it is accepted.
+    #[arg(long, env = "HOTPATH_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
     /// How long a publish may wait for JetStream's acknowledgement before answering 503.
     #[arg(long, env = "HOTPATH_PUBLISH_TIMEOUT_MS", default_value_t = 1000)]
     pub publish_timeout_ms: u64,
@@ -161,9 +180,38 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_POLICY_DIR", default_value = "policies/dist")]
     pub policy_dir: std::path::PathBuf,
 
-    /// Postgres pool size per process.
+    /// Postgres pool size per process (in a gateway: the pool of the writes, such as creating
+    /// conversations and registering devices).
     #[arg(long, env = "HOTPATH_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
+
+    /// A gateway's pool for the reads of its request paths (status, history, sync, receipt
+    /// checks): apart from the others, so slow reads cannot starve sends.
+    #[arg(long, env = "HOTPATH_DB_QUERY_CONNECTIONS", default_value_t = 8)]
+    pub db_query_connections: u32,
+
+    /// A gateway's pool for loading facts (conversations, blocks) on a cache miss: the only
+    /// Postgres the send path ever waits for.
+    #[arg(long, env = "HOTPATH_DB_FACTS_CONNECTIONS", default_value_t = 8)]
+    pub db_facts_connections: u32,
+
+    /// Longest a gateway's statement may run in Postgres (waiting for locks included) before
+    /// Postgres cancels it and the client gets 503.
+    #[arg(long, env = "HOTPATH_DB_STATEMENT_TIMEOUT_MS", default_value_t = 2000)]
+    pub db_statement_timeout_ms: u64,
+
+    /// Longest a request waits for a free connection of a pool before it gets 503.
+    #[arg(long, env = "HOTPATH_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 2000)]
+    pub db_acquire_timeout_ms: u64,
+
+    /// How long a gateway remembers that Postgres has no message with some id, so repeated
+    /// status requests for an unknown id cost one query.
+    #[arg(long, env = "HOTPATH_NEGATIVE_CACHE_SECS", default_value_t = 5)]
+    pub negative_cache_secs: u64,
+
+    /// Bytes of history pages a gateway keeps (the pages as served, for reconnect storms).
+    #[arg(long, env = "HOTPATH_HISTORY_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub history_cache_bytes: u64,
 
     /// This consumer replica's index k: it owns the partitions p with p mod n == k.
     #[arg(long, env = "HOTPATH_CONSUMER_REPLICA", default_value_t = 0)]
@@ -362,6 +410,30 @@ impl Config {
         Duration::from_millis(self.publish_timeout_ms)
     }
 
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_header_timeout_secs.max(1))
+    }
+
+    pub fn http_body_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_body_timeout_secs.max(1))
+    }
+
+    pub fn http_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_idle_timeout_secs.max(1))
+    }
+
+    pub fn db_statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_statement_timeout_ms.max(1))
+    }
+
+    pub fn db_acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms.max(1))
+    }
+
+    pub fn negative_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.negative_cache_secs.max(1))
+    }
+
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
     }
@@ -487,6 +559,15 @@ impl fmt::Display for Config {
         writeln!(f, "publish_timeout_ms={}", self.publish_timeout_ms)?;
         writeln!(
             f,
+            "http_header_timeout_secs={} http_body_timeout_secs={} http_idle_timeout_secs={} \
+             max_connections={}",
+            self.http_header_timeout_secs,
+            self.http_body_timeout_secs,
+            self.http_idle_timeout_secs,
+            self.max_connections
+        )?;
+        writeln!(
+            f,
             "batch_size={} ack_wait_secs={} poison_max_deliver={}",
             self.batch_size, self.ack_wait_secs, self.poison_max_deliver
         )?;
@@ -501,7 +582,21 @@ impl fmt::Display for Config {
             self.receipts_max_bytes
         )?;
         writeln!(f, "facts_ttl_secs={}", self.facts_ttl_secs)?;
-        writeln!(f, "db_max_connections={}", self.db_max_connections)?;
+        writeln!(
+            f,
+            "db_max_connections={} db_query_connections={} db_facts_connections={} \
+             db_statement_timeout_ms={} db_acquire_timeout_ms={}",
+            self.db_max_connections,
+            self.db_query_connections,
+            self.db_facts_connections,
+            self.db_statement_timeout_ms,
+            self.db_acquire_timeout_ms
+        )?;
+        writeln!(
+            f,
+            "negative_cache_secs={} history_cache_bytes={}",
+            self.negative_cache_secs, self.history_cache_bytes
+        )?;
         writeln!(f, "policy_dir={}", self.policy_dir.display())?;
         writeln!(
             f,

@@ -76,6 +76,10 @@ pub enum Rejection {
     RouteNotFound,
     #[error("payload larger than {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: usize },
+    /// The request's body did not arrive within the server's body read timeout (a client
+    /// that trickles its body, or stalls). The connection is closed after this answer.
+    #[error("the request body did not arrive within {timeout_secs} s")]
+    RequestTimeout { timeout_secs: u64 },
     #[error("rate limit exceeded")]
     RateLimitExceeded { retry_after_secs: u64 },
     /// The stream could not take the message right now (NATS down, publish timed out, stream
@@ -140,6 +144,7 @@ impl Rejection {
             | Rejection::IdempotencyKeyReused { .. }
             | Rejection::ConversationFull { .. }
             | Rejection::SyncInProgress => 409,
+            Rejection::RequestTimeout { .. } => 408,
             Rejection::PayloadTooLarge { .. } => 413,
             Rejection::RateLimitExceeded { .. } => 429,
             Rejection::EnqueueFailed { .. } | Rejection::Internal { .. } => 500,
@@ -171,6 +176,7 @@ impl Rejection {
             Rejection::BlockNotFound { .. } => "BLOCK_NOT_FOUND",
             Rejection::RouteNotFound => "NOT_FOUND",
             Rejection::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            Rejection::RequestTimeout { .. } => "REQUEST_TIMEOUT",
             Rejection::RateLimitExceeded { .. } => "RATE_LIMIT_EXCEEDED",
             Rejection::EnqueueUnavailable { .. } | Rejection::EnqueueFailed { .. } => {
                 "ENQUEUE_FAILED"
@@ -204,6 +210,7 @@ impl Rejection {
             Rejection::BlockNotFound { .. } => "block_not_found",
             Rejection::RouteNotFound => "route_not_found",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
+            Rejection::RequestTimeout { .. } => "request_timeout",
             Rejection::RateLimitExceeded { .. } => "rate_limit_exceeded",
             Rejection::EnqueueUnavailable { .. } => "enqueue_unavailable",
             Rejection::EnqueueFailed { .. } => "enqueue_failed",
@@ -280,6 +287,7 @@ impl Rejection {
             Rejection::BlockNotFound { user_id } => json!({ "userId": user_id }),
             Rejection::DeviceNotFound | Rejection::RouteNotFound => json!({}),
             Rejection::PayloadTooLarge { limit_bytes } => json!({ "limitBytes": limit_bytes }),
+            Rejection::RequestTimeout { timeout_secs } => json!({ "timeoutSeconds": timeout_secs }),
             Rejection::RateLimitExceeded { retry_after_secs }
             | Rejection::EnqueueUnavailable {
                 retry_after_secs, ..
@@ -491,6 +499,22 @@ mod tests {
                 "code": "DEVICE_NOT_FOUND",
                 "message": "device not found",
                 "details": {}
+            }})
+        );
+    }
+
+    #[test]
+    fn a_late_body_is_408_without_retry_after() {
+        let rejection = Rejection::RequestTimeout { timeout_secs: 10 };
+        assert_eq!(rejection.status(), 408);
+        assert_eq!(rejection.telemetry_label(), "request_timeout");
+        assert_eq!(rejection.retry_after_secs(), None);
+        assert_eq!(
+            rejection.body(),
+            json!({"error": {
+                "code": "REQUEST_TIMEOUT",
+                "message": "the request body did not arrive within 10 s",
+                "details": {"timeoutSeconds": 10}
             }})
         );
     }

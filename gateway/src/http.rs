@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use hotpath_core::rejection::Rejection;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
+use tower_http::timeout::TimeoutError;
 
 use crate::state::AppState;
 
@@ -52,12 +53,24 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Strin
         .map(|verified| verified.user_id)
 }
 
-/// Reads at most `limit` bytes of body and parses them as JSON.
+/// Reads the body, bounded in size (`HOTPATH_MAX_BODY_BYTES`) and in time
+/// (`HOTPATH_HTTP_BODY_TIMEOUT_SECS`), and parses it as JSON.
 ///
 /// A declared `Content-Length` over the limit is refused before a byte is read; an undeclared
 /// (chunked) body is cut off as soon as it passes the limit, so a hostile client can never make
-/// the gateway buffer more than `limit` bytes.
-pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, Rejection> {
+/// the gateway buffer more than the limit. The whole body must arrive within the timeout (the
+/// router's tower layer only bounds each gap between its frames), so a client that trickles
+/// a byte at a time gets 408 and its connection closed, instead of holding the request open.
+pub async fn read_json(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, Rejection> {
+    let limit = state.config.max_body_bytes;
+    let timeout = state.config.http_body_timeout();
+    let too_late = || Rejection::RequestTimeout {
+        timeout_secs: timeout.as_secs(),
+    };
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -65,12 +78,15 @@ pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(Rejection::PayloadTooLarge { limit_bytes: limit });
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+    let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
+    let bytes = match read {
+        Err(_elapsed) => return Err(too_late()),
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
             return Err(Rejection::PayloadTooLarge { limit_bytes: limit });
         }
-        Err(error) => {
+        Ok(Err(error)) if is_body_timeout(&*error) => return Err(too_late()),
+        Ok(Err(error)) => {
             return Err(Rejection::InvalidSchema {
                 message: format!("could not read the request body: {error}"),
                 details: serde_json::json!({}),
@@ -83,6 +99,11 @@ pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     })
 }
 
+/// True when a body error is, or was caused by, the body timeout layer's.
+fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<TimeoutError>())
+}
+
 /// Parses a typed body from already-read JSON, turning serde's complaint into INVALID_SCHEMA.
 pub fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Rejection> {
     serde_json::from_value(value).map_err(|error| Rejection::InvalidSchema {
@@ -91,12 +112,21 @@ pub fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, Rejectio
     })
 }
 
-/// A database error as the client should see it.
+/// A database error as the client should see it: 503 with Retry-After when waiting may
+/// help (Postgres down, the pool busy past its acquire timeout, a statement past its
+/// timeout), 500 otherwise.
 pub fn db_error(error: sqlx::Error) -> Rejection {
     if hotpath_core::db::is_transient(&error) {
         tracing::warn!(%error, "database unavailable");
+        let reason = if matches!(error, sqlx::Error::PoolTimedOut) {
+            "the database is busy"
+        } else if hotpath_core::db::is_query_cancelled(&error) {
+            "the database did not answer in time"
+        } else {
+            "the database is unavailable"
+        };
         Rejection::ServiceUnavailable {
-            reason: "the database is unavailable".into(),
+            reason: reason.into(),
             retry_after_secs: 1,
         }
     } else {

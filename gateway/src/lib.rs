@@ -5,14 +5,18 @@
 //! Start reading at [`routes::send`], which tells the hot path in order, then [`socket`].
 
 mod backlog;
+mod databases;
 mod duplicates;
 pub mod facts;
+mod history_pages;
 mod http;
+mod known_messages;
 mod metrics;
 pub mod policies;
 mod producer;
 mod rate_limit;
 pub mod routes;
+mod server;
 pub mod socket;
 mod state;
 
@@ -22,10 +26,11 @@ use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
 use hotpath_core::names::FACTS_INVALIDATE_SUBJECT;
 use hotpath_core::presence::Presence;
-use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
+pub use databases::Databases;
+pub use server::{ServerLimits, serve};
 use socket::SocketNode;
 pub use state::AppState;
 
@@ -34,17 +39,18 @@ pub use state::AppState;
 pub async fn router(
     config: Config,
     verifier: TokenVerifier,
-    pool: PgPool,
+    databases: Databases,
     nats: async_nats::Client,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Router> {
+    let body_timeout = config.http_body_timeout();
     let js = async_nats::jetstream::new(nats.clone());
     // This gateway's name in policy reports and as a socket node in presence.
     let gateway_id = format!("gateway-{}", uuid::Uuid::new_v4().simple());
     let presence = Presence::open(&js, config.presence_ttl()).await?;
     let sockets = SocketNode::new(gateway_id.clone(), nats.clone(), presence, shutdown.clone());
     tokio::spawn(sockets.clone().refresh_presence());
-    let state = AppState::new(config, verifier, pool, nats.clone(), sockets);
+    let state = AppState::new(config, verifier, databases, nats.clone(), sockets);
     state
         .backlog
         .start_polling(js.clone(), shutdown.clone())
@@ -72,30 +78,15 @@ pub async fn router(
             () = stop.cancelled() => {}
         }
     });
-    let mut history_changes = nats
+    let history_changes = nats
         .subscribe(hotpath_core::names::HISTORY_INVALIDATE_SUBJECT)
         .await?;
     let history_pages = state.history_pages.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        use futures::StreamExt;
-        loop {
-            let message = tokio::select! {
-                message = history_changes.next() => message,
-                () = stop.cancelled() => return,
-            };
-            let Some(message) = message else { return };
-            let changed = serde_json::from_slice::<serde_json::Value>(&message.payload)
-                .ok()
-                .and_then(|v| {
-                    v.get("conversationId")?
-                        .as_str()
-                        .and_then(|s| uuid::Uuid::parse_str(s).ok())
-                });
-            if let Some(conversation) = changed {
-                // Only fails when closures are not enabled on the cache, which they are.
-                let _ = history_pages.invalidate_entries_if(move |key, _| key.0 == conversation);
-            }
+        tokio::select! {
+            () = history_pages.listen(history_changes) => {}
+            () = stop.cancelled() => {}
         }
     });
     let limits = [
@@ -152,17 +143,8 @@ pub async fn router(
         .route("/v1/openapi.json", get(routes::health::openapi))
         .route("/live", get(routes::health::live_page))
         .fallback(http::not_found)
+        // No gap in any request body longer than the body timeout; `http::read_json` also
+        // bounds the whole body by it.
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
         .with_state(state))
-}
-
-/// Serves until `shutdown` is cancelled, then lets in-flight requests finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    Ok(())
 }

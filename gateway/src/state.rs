@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
 use moka::future::Cache;
@@ -11,7 +10,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::backlog::{Backlog, Bound};
+use crate::databases::Databases;
 use crate::facts::Facts;
+use crate::history_pages::HistoryPages;
+use crate::known_messages::KnownMessages;
 use crate::metrics::ProducerMetrics;
 use crate::policies::{ActiveChain, PolicyMetrics};
 use crate::producer::Producer;
@@ -19,20 +21,16 @@ use crate::rate_limit::RateLimit;
 use crate::socket::SocketNode;
 use crate::socket::receipt::{RECEIPT_MEMORY, ReceiptTarget};
 
-/// A message this gateway accepted that may not be in Postgres yet: lets the status route
-/// answer `pending` instead of 404 in the moment between 202 and persist.
-#[derive(Debug, Clone)]
-pub struct Accepted {
-    pub sender_id: String,
-    pub conversation_id: Uuid,
-    pub accepted_at: DateTime<Utc>,
-}
-
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub verifier: Arc<TokenVerifier>,
+    /// The pool of writes (conversations, devices), readiness, and the send path's rare
+    /// duplicate lookups (`duplicates`).
     pub pool: PgPool,
+    /// The pool of reads on request paths (status, history, sync, receipt checks); facts
+    /// have their own (`databases.rs`).
+    pub queries: PgPool,
     pub nats: async_nats::Client,
     pub facts: Facts,
     /// The policies in force; swapped whole by [`crate::policies::sync`].
@@ -47,11 +45,9 @@ pub struct AppState {
     pub ack_rate: RateLimit,
     /// Per-user budget of membership changes (create, add, remove).
     pub membership_rate: RateLimit,
-    pub recently_accepted: Cache<Uuid, Accepted>,
-    /// History pages as served, by (conversation, after_seq, limit): a reconnect storm asks
-    /// for the same pages many times. Dropped per conversation when the consumers announce new
-    /// messages in it; the short TTL bounds a lost announcement.
-    pub history_pages: Cache<(Uuid, i64, i64), bytes::Bytes>,
+    /// Messages accepted here, and ids Postgres recently did not have.
+    pub messages: KnownMessages,
+    pub history_pages: HistoryPages,
     /// One permit per send being handled: the load-shedding bound.
     pub send_slots: Arc<tokio::sync::Semaphore>,
     pub metrics: ProducerMetrics,
@@ -67,11 +63,11 @@ impl AppState {
     pub fn new(
         config: Config,
         verifier: TokenVerifier,
-        pool: PgPool,
+        databases: Databases,
         nats: async_nats::Client,
         sockets: SocketNode,
     ) -> AppState {
-        let facts = Facts::new(pool.clone(), nats.clone(), config.facts_ttl());
+        let facts = Facts::new(databases.facts, nats.clone(), config.facts_ttl());
         let backlog = Backlog::new(Bound {
             max_messages: config.backlog_max_msgs,
             max_bytes: config.backlog_max_bytes,
@@ -87,7 +83,8 @@ impl AppState {
         let membership_rate = RateLimit::per_minute(config.membership_rate_per_min);
         AppState {
             verifier: Arc::new(verifier),
-            pool,
+            pool: databases.writes,
+            queries: databases.queries,
             nats,
             facts,
             policies: Arc::new(arc_swap::ArcSwap::from_pointee(ActiveChain::default())),
@@ -97,15 +94,8 @@ impl AppState {
             rate_limit,
             ack_rate,
             membership_rate,
-            history_pages: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(5))
-                .support_invalidation_closures()
-                .build(),
-            recently_accepted: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(Duration::from_secs(600))
-                .build(),
+            history_pages: HistoryPages::new(config.history_cache_bytes, Duration::from_secs(5)),
+            messages: KnownMessages::new(config.negative_cache_ttl()),
             metrics: ProducerMetrics::new(),
             send_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_in_flight_sends.max(1),

@@ -353,6 +353,15 @@ pub async fn ids_in_seq_order(pool: &PgPool, conversation: Uuid) -> Vec<Uuid> {
     rows.into_iter().map(|(id,)| id).collect()
 }
 
+/// The sum of the samples of metric `name` whose line contains `label`, in `/metrics` text.
+pub fn metric_sum(metrics: &str, name: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A minimal valid message body for `conversation`.
 pub fn text(conversation: Uuid, content: &str) -> Value {
     json!({"conversationId": conversation.to_string(), "content": content, "contentType": "text"})

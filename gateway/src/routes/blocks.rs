@@ -53,8 +53,7 @@ pub async fn block(
     body: Body,
 ) -> Result<(StatusCode, Json<BlockView>), ApiError> {
     let user_id = authenticate(&state, &headers).await?;
-    let request: BlockRequest =
-        typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
+    let request: BlockRequest = typed(read_json(&state, &headers, body).await?)?;
     let other = other_user(&user_id, &request.user_id)?;
     // Always the row, new or old; `xmax = 0` only on a row this statement inserted (an updated
     // row carries the id of the transaction that replaced its previous version).

@@ -71,8 +71,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<ConversationView>), ApiError> {
     let user_id = authenticate(&state, &headers).await?;
     state.membership_rate.check(&user_id)?;
-    let request: CreateConversation =
-        typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
+    let request: CreateConversation = typed(read_json(&state, &headers, body).await?)?;
 
     let mut members: BTreeSet<String> = BTreeSet::new();
     members.insert(user_id.clone());
@@ -153,7 +152,7 @@ pub async fn add_member(
 ) -> Result<Json<ConversationView>, ApiError> {
     let user_id = authenticate(&state, &headers).await?;
     state.membership_rate.check(&user_id)?;
-    let request: AddMember = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
+    let request: AddMember = typed(read_json(&state, &headers, body).await?)?;
     let conversation = member_of(&state, &id, &user_id).await?;
     active(&conversation)?;
     if !is_valid_user_id(&request.user_id) {
@@ -252,7 +251,7 @@ pub async fn update_settings(
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let user_id = authenticate(&state, &headers).await?;
-    let request: Settings = typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
+    let request: Settings = typed(read_json(&state, &headers, body).await?)?;
     // Someone outside the conversation learns nothing of its settings, not even that it exists.
     let conversation =
         member_of(&state, &id, &user_id)

@@ -64,8 +64,7 @@ pub async fn register(
     body: Body,
 ) -> Result<(StatusCode, Json<DeviceView>), ApiError> {
     let user_id = authenticate(&state, &headers).await?;
-    let mut request: RegisterDevice =
-        typed(read_json(&headers, body, state.config.max_body_bytes).await?)?;
+    let mut request: RegisterDevice = typed(read_json(&state, &headers, body).await?)?;
     validate(&request)?;
     if request.platform == "apns" {
         request.token = apns_token(&request.token);

@@ -1,10 +1,14 @@
 //! `POST /v1/messages`: the hot path, in the order it happens.
 //!
-//! shed load if full → authenticate → rate limit → read a bounded body → refuse while the
-//! backlog is full → load facts from the cache → run the check chain → derive the idempotency
-//! key, request digest and message id → publish to JetStream → (a duplicate: retry, or key
-//! reused for another message? [`crate::duplicates`]) → 202 `pending`. Nothing here writes to
-//! Postgres; persisting is the consumers' job.
+//! authenticate → rate limit → read a body bounded in size and time → shed load if full →
+//! refuse while the backlog is full → load facts from the cache → run the check chain →
+//! derive the idempotency key, request digest and message id → publish to JetStream → (a
+//! duplicate: retry, or key reused for another message? [`crate::duplicates`]) → 202
+//! `pending`. Nothing here writes to Postgres; persisting is the consumers' job.
+//!
+//! The send slot (the in-flight bound) is taken only once the whole body is in hand: a client
+//! that trickles its body holds a connection until the body timeout, never a slot, so slow
+//! clients cannot turn other clients' sends into 503s.
 //!
 //! A `send` frame on a WebSocket (`routes::ws`) takes the same path from [`accept`] on: only
 //! how the user and the body arrive differs.
@@ -28,7 +32,8 @@ use uuid::Uuid;
 
 use crate::facts::ConversationFacts;
 use crate::http::{ApiError, authenticate, read_json, typed};
-use crate::state::{Accepted, AppState};
+use crate::known_messages::Accepted;
+use crate::state::AppState;
 
 /// The body of a send, typed once the checks have passed.
 #[derive(Debug, Deserialize)]
@@ -85,15 +90,15 @@ async fn accept_http(
 ) -> Result<SendAccepted, Rejection> {
     let started = Instant::now();
 
-    // 0. Too many sends in progress: answer at once rather than queue until clients time out.
-    let _slot = send_slot(state)?;
-
     // 1. Who is sending: the token's subject, never a body field.
     let user_id = authenticate(state, headers).await?;
     state.rate_limit.check(&user_id)?;
 
-    // 2. The body, bounded before parsing.
-    let request = read_json(headers, body, state.config.max_body_bytes).await?;
+    // 2. The body, bounded in size and in time before parsing.
+    let request = read_json(state, headers, body).await?;
+
+    // Too many sends in progress: answer at once rather than queue until clients time out.
+    let _slot = send_slot(state)?;
 
     accept(state, &user_id, request, correlation_id(headers), started).await
 }
@@ -216,8 +221,8 @@ pub async fn accept(
         message_id
     };
     state
-        .recently_accepted
-        .insert(
+        .messages
+        .accepted(
             message_id,
             Accepted {
                 sender_id: envelope.sender_id.clone(),

@@ -65,7 +65,7 @@ async fn recipients(state: &AppState, message_id: Uuid) -> Result<Vec<RecipientS
           ORDER BY r.n",
     )
     .bind(message_id)
-    .fetch_all(&state.pool)
+    .fetch_all(&state.queries)
     .await
     .map_err(db_error)?;
     Ok(rows
@@ -125,9 +125,29 @@ async fn rejected(
            FROM message_rejections WHERE message_id = $1",
     )
     .bind(message_id)
-    .fetch_optional(&state.pool)
+    .fetch_optional(&state.queries)
     .await
     .map_err(db_error)
+}
+
+/// What Postgres knows of a message: stored, or refused by the consumers.
+enum Found {
+    Stored(StoredMessage),
+    Rejected(RejectedMessage),
+}
+
+async fn find(state: &AppState, message_id: Uuid) -> Result<Option<Found>, Rejection> {
+    let stored: Option<StoredMessage> = sqlx::query_as(
+        "SELECT conversation_id, sender_id, seq, accepted_at, persisted_at FROM messages WHERE id = $1",
+    )
+    .bind(message_id)
+    .fetch_optional(&state.queries)
+    .await
+    .map_err(db_error)?;
+    match stored {
+        Some(stored) => Ok(Some(Found::Stored(stored))),
+        None => Ok(rejected(state, message_id).await?.map(Found::Rejected)),
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -144,7 +164,8 @@ struct StoredMessage {
 /// message also lists its recipients with their receipts, and its state is the furthest any
 /// recipient reached (`delivered`, `read`). Only the sender or a member of the conversation
 /// may see it, and only the sender a rejected one (nobody else ever saw it); to anyone else it
-/// does not exist (404), so ids cannot be probed.
+/// does not exist (404), so ids cannot be probed. An id Postgres just did not have is answered
+/// from memory for a few seconds (`known_messages`).
 pub async fn status(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -156,16 +177,20 @@ pub async fn status(
     };
     let message_id = Uuid::parse_str(&id).map_err(|_| not_found())?;
 
-    let row: Option<StoredMessage> = sqlx::query_as(
-        "SELECT conversation_id, sender_id, seq, accepted_at, persisted_at FROM messages WHERE id = $1",
-    )
-    .bind(message_id)
-    .fetch_optional(&state.pool)
-    .await
-    .map_err(db_error)?;
+    let found = state
+        .messages
+        .in_postgres(message_id, find(&state, message_id))
+        .await?;
 
-    let mut status = match row {
-        Some(stored) => MessageStatus {
+    let mut status = match found {
+        // Refused after it was accepted: nobody but its sender ever knew of it.
+        Some(Found::Rejected(refused)) => {
+            if refused.sender_id != user_id {
+                return Err(not_found().into());
+            }
+            return Ok(Json(refused.status(message_id)));
+        }
+        Some(Found::Stored(stored)) => MessageStatus {
             message_id,
             conversation_id: stored.conversation_id,
             sender_id: stored.sender_id,
@@ -178,16 +203,9 @@ pub async fn status(
             recipients: None,
         },
         None => {
-            // Refused after it was accepted: nobody but its sender ever knew of it.
-            if let Some(refused) = rejected(&state, message_id).await? {
-                if refused.sender_id != user_id {
-                    return Err(not_found().into());
-                }
-                return Ok(Json(refused.status(message_id)));
-            }
             let accepted = state
-                .recently_accepted
-                .get(&message_id)
+                .messages
+                .recently_accepted(&message_id)
                 .await
                 .ok_or_else(not_found)?;
             MessageStatus {
@@ -309,7 +327,7 @@ pub(crate) async fn read_history(
     .bind(conversation_id)
     .bind(after_seq)
     .bind(limit)
-    .fetch_all(&state.pool)
+    .fetch_all(&state.queries)
     .await
     .map_err(db_error)?;
     let next_after_seq = messages.last().map_or(after_seq, |m| m.seq);

@@ -68,7 +68,7 @@ pub async fn take(
             )
             .bind(message_id)
             .bind(user_id)
-            .fetch_optional(&state.pool)
+            .fetch_optional(&state.queries)
             .await
             .map_err(db_error)?;
             let (conversation_id,) = row.ok_or_else(not_found)?;
