@@ -320,6 +320,56 @@ fn connections_beyond_the_cap_are_closed_at_once_and_a_closed_one_frees_its_slot
     });
 }
 
+/// A keep-alive connection outlives the header timeout between requests and is closed at the
+/// idle timeout; a WebSocket, once upgraded, outlives both (and the body timeout).
+#[test]
+fn idle_keep_alives_close_at_the_idle_timeout_and_websockets_outlive_every_http_timeout() {
+    on_shared(|system| async move {
+        let idle_timeout = Duration::from_secs(4);
+        let gateway = Gateway::start(system, |config| {
+            config.http_header_timeout_secs = 1;
+            config.http_body_timeout_secs = 1;
+            config.http_idle_timeout_secs = idle_timeout.as_secs();
+        })
+        .await;
+        let base = format!("http://{}", gateway.addr);
+        // A user nobody writes to, so the only frame it gets is the answer to its ping.
+        let mut socket = support::ws::connect(system, &base, "quiet-listener").await;
+
+        let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+        let first = get_on(&mut stream, "/healthz").await;
+        assert_eq!(first.as_deref(), Some("HTTP/1.1 200 OK"));
+        // Twice the header timeout later, the idle connection still serves.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let second = get_on(&mut stream, "/healthz").await;
+        assert_eq!(
+            second.as_deref(),
+            Some("HTTP/1.1 200 OK"),
+            "an idle keep-alive is not closed at the header timeout"
+        );
+        let idle_since = Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("the idle connection is closed in time");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "closed, not answered: {read:?}"
+        );
+        let closed_after = idle_since.elapsed();
+        assert!(
+            closed_after >= idle_timeout,
+            "closed early: {closed_after:?}"
+        );
+        eprintln!(
+            "an idle keep-alive was closed after {closed_after:?} (idle timeout {idle_timeout:?})"
+        );
+
+        // The socket opened before all that is still alive and answering.
+        support::ws::ping(&mut socket).await;
+    });
+}
+
 /// An unknown message id costs Postgres one lookup, then is answered from memory: with the
 /// messages table locked (any query on it would wait, then time out), further requests for
 /// that id still answer 404 at once. A message accepted under that id afterwards is found.
