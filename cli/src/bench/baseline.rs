@@ -197,14 +197,16 @@ pub async fn raw_unnest(
     })
 }
 
-/// Copies of `messages` and `conversations` with every index, default and check, plus the
-/// foreign key `LIKE` leaves out, so each insert does the work a real one does.
+/// Copies of `messages`, `conversations` and `message_rejections` (the persist statement writes
+/// a reused key's rejection there) with every index, default and check, plus the foreign key
+/// `LIKE` leaves out, so each insert does the work a real one does.
 async fn create_scratch_schema(admin: &PgPool, schema: &str) -> anyhow::Result<()> {
     let ddl = format!(
         "DROP SCHEMA IF EXISTS {schema} CASCADE;
          CREATE SCHEMA {schema};
          CREATE TABLE {schema}.conversations (LIKE public.conversations INCLUDING ALL);
          CREATE TABLE {schema}.messages (LIKE public.messages INCLUDING ALL);
+         CREATE TABLE {schema}.message_rejections (LIKE public.message_rejections INCLUDING ALL);
          ALTER TABLE {schema}.messages
            ADD FOREIGN KEY (conversation_id) REFERENCES {schema}.conversations (id);"
     );
