@@ -132,6 +132,9 @@ async fn a_reused_key_for_another_request_is_409_and_a_true_retry_is_still_202()
     let original = r#"{"conversationId": "CONV", "clientMessageId": "m-1", "content": "first",
                        "contentType": "text", "metadata": {"a": 1, "b": {"c": 2, "d": 3}}}"#
         .replace("CONV", &conversation.to_string());
+    // Alice's socket is open before she sends, so its ready-ping is answered before the
+    // original's `sent` event can arrive.
+    let mut socket = connect(&system, &system.base, "alice").await;
     let (status, first) = send_raw(&system, "alice", &original).await;
     assert_eq!(status, 202, "{first}");
     assert_eq!(first["idempotentHit"], false);
@@ -162,7 +165,6 @@ async fn a_reused_key_for_another_request_is_409_and_a_true_retry_is_still_202()
     refuse_every_change("in the stream").await;
 
     // A send frame on the WebSocket goes through the same check.
-    let mut socket = connect(&system, &system.base, "alice").await;
     let mut frame = original.clone();
     frame["type"] = json!("send");
     frame["reqId"] = json!("reuse");
