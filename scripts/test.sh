@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+ensure_browser_tools
+say "node: $(node --version), $(chromium --version 2>/dev/null)"
 policies/build.sh
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -12,7 +12,10 @@
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage, stream::DirectGetErrorKind};
 use clap::Subcommand;
+use hotpath_core::domain::DlqSource;
 use hotpath_core::names::{DLQ_STREAM, dlq_headers};
+
+use crate::nats_target::NatsTarget;
 
 #[derive(Subcommand)]
 pub enum DlqCommand {
@@ -20,7 +23,7 @@ pub enum DlqCommand {
     List {
         /// Only entries from this source (`messages`, `receipts`, `push`).
         #[arg(long)]
-        source: Option<String>,
+        source: Option<DlqSource>,
         /// At most this many entries.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -37,7 +40,7 @@ pub enum DlqCommand {
         all: bool,
         /// With `--all`: only entries from this source.
         #[arg(long, requires = "all")]
-        source: Option<String>,
+        source: Option<DlqSource>,
     },
 }
 
@@ -54,8 +57,8 @@ pub struct Entry {
     pub payload: bytes::Bytes,
 }
 
-pub async fn run(command: DlqCommand, nats_url: String) -> anyhow::Result<()> {
-    let client = hotpath_core::streams::connect(&nats_url, "hotpath-dlq").await?;
+pub async fn run(command: DlqCommand, nats: &NatsTarget) -> anyhow::Result<()> {
+    let client = nats.connect("hotpath-dlq").await?;
     let js = jetstream::new(client);
     match command {
         DlqCommand::List {
@@ -63,7 +66,7 @@ pub async fn run(command: DlqCommand, nats_url: String) -> anyhow::Result<()> {
             limit,
             json,
         } => {
-            let entries = list(&js, source.as_deref(), limit).await?;
+            let entries = list(&js, source, limit).await?;
             if entries.is_empty() && !json {
                 println!("the DLQ is empty");
             }
@@ -89,7 +92,7 @@ pub async fn run(command: DlqCommand, nats_url: String) -> anyhow::Result<()> {
         }
         DlqCommand::Replay { seqs, all, source } => {
             let seqs = if all {
-                list(&js, source.as_deref(), usize::MAX)
+                list(&js, source, usize::MAX)
                     .await?
                     .into_iter()
                     .map(|e| e.seq)
@@ -120,7 +123,7 @@ pub async fn run(command: DlqCommand, nats_url: String) -> anyhow::Result<()> {
 /// Up to `limit` entries, oldest first, of `source` if given.
 pub async fn list(
     js: &jetstream::Context,
-    source: Option<&str>,
+    source: Option<DlqSource>,
     limit: usize,
 ) -> anyhow::Result<Vec<Entry>> {
     let stream = js.get_stream(DLQ_STREAM).await?;

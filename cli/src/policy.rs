@@ -6,18 +6,17 @@
 //! gateway runs, or why it refused.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::Subcommand;
-use hdrhistogram::Histogram;
 use hotpath_core::policy_store::PolicyStore;
-use hotpath_core::streams;
-use hotpath_policy_host::{
-    ConversationInput, OnError, Policy, PolicyEngine, input_json, run_vectors,
-};
-use serde_json::json;
+
+use hotpath_policy_host::{OnError, Policy, PolicyEngine, run_vectors};
+
+use crate::nats_target::NatsTarget;
+
+mod bench;
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -49,26 +48,23 @@ pub enum PolicyCommand {
         /// Directory with schema.wasm and authz.wasm (the shipped chain).
         #[arg(long, default_value = "policies/dist")]
         dir: PathBuf,
+        /// Chain evaluations per thread.
         #[arg(long, default_value_t = 20_000)]
         iterations: u64,
+        /// Threads evaluating at once, as a busy gateway's do.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
 }
 
-/// Where NATS is: the flag or env, else `hotpath up`'s data directory, else the default.
-pub fn nats_url(explicit: Option<String>, data_dir: &Path) -> String {
-    explicit
-        .or_else(|| {
-            crate::up::read_ports(data_dir)
-                .ok()
-                .map(|p| format!("nats://127.0.0.1:{}", p.nats))
-        })
-        .unwrap_or_else(|| "nats://127.0.0.1:4222".to_string())
-}
-
-pub async fn run(command: PolicyCommand, nats_url: String) -> anyhow::Result<()> {
+pub async fn run(command: PolicyCommand, nats: &NatsTarget) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Test { module, vectors } => test(&module, &vectors),
-        PolicyCommand::Bench { dir, iterations } => bench(&dir, iterations),
+        PolicyCommand::Bench {
+            dir,
+            iterations,
+            threads,
+        } => bench::run(&dir, iterations, threads),
         PolicyCommand::Push {
             module,
             name,
@@ -81,7 +77,7 @@ pub async fn run(command: PolicyCommand, nats_url: String) -> anyhow::Result<()>
             if !no_local_check {
                 check(&name, &bytes, vectors.as_deref(), &on_error)?;
             }
-            let store = store(&nats_url).await?;
+            let store = store(nats).await?;
             let digest = store.put_module(&bytes, vectors.as_deref()).await?;
             let chain = store.activate(&name, &digest, &on_error).await?;
             println!(
@@ -91,9 +87,9 @@ pub async fn run(command: PolicyCommand, nats_url: String) -> anyhow::Result<()>
             );
             Ok(())
         }
-        PolicyCommand::List => list(&store(&nats_url).await?).await,
+        PolicyCommand::List => list(&store(nats).await?).await,
         PolicyCommand::Rollback { name } => {
-            let chain = store(&nats_url).await?.rollback(&name).await?;
+            let chain = store(nats).await?.rollback(&name).await?;
             match chain.policies.iter().find(|p| p.name == name) {
                 Some(entry) => println!(
                     "rolled {name} back to {} (chain version {})",
@@ -110,9 +106,9 @@ pub async fn run(command: PolicyCommand, nats_url: String) -> anyhow::Result<()>
     }
 }
 
-async fn store(nats_url: &str) -> anyhow::Result<PolicyStore> {
-    let nats = streams::connect(nats_url, "hotpath-policy").await?;
-    PolicyStore::open(&jetstream::new(nats)).await
+async fn store(nats: &NatsTarget) -> anyhow::Result<PolicyStore> {
+    let client = nats.connect("hotpath-policy").await?;
+    PolicyStore::open(&jetstream::new(client)).await
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -198,68 +194,4 @@ async fn list(store: &PolicyStore) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Evaluates the shipped chain on a representative valid message, per policy and whole.
-fn bench(dir: &Path, iterations: u64) -> anyhow::Result<()> {
-    let engine = PolicyEngine::new()?;
-    let policies: Vec<Policy> = ["schema", "authz"]
-        .iter()
-        .map(|name| {
-            let bytes = read(&dir.join(format!("{name}.wasm")))?;
-            Ok(engine.load(name, &bytes, OnError::Deny)?)
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let request = json!({
-        "conversationId": "6f9c1f2e-8d4b-4c1a-9a51-2f2d4c8e7b10",
-        "content": "a".repeat(200),
-        "contentType": "text",
-        "clientMessageId": "bench-1",
-        "metadata": {"replyTo": "x"}
-    });
-    let members: Vec<String> = (0..24).map(|i| format!("user-{i}")).collect();
-    let conversation = || ConversationInput {
-        id: "6f9c1f2e-8d4b-4c1a-9a51-2f2d4c8e7b10",
-        kind: "group",
-        is_active: true,
-        members: members.iter().map(String::as_str).collect(),
-    };
-    let mut per_policy: Vec<Histogram<u64>> = policies
-        .iter()
-        .map(|_| new_histogram())
-        .collect::<anyhow::Result<_>>()?;
-    let mut whole = new_histogram()?;
-    for _ in 0..iterations {
-        let chain_started = Instant::now();
-        for (policy, histogram) in policies.iter().zip(per_policy.iter_mut()) {
-            let input = input_json("user-0", &request, Some(conversation()), std::iter::empty());
-            let started = Instant::now();
-            let _ = policy.evaluate(&input);
-            histogram.record(started.elapsed().as_nanos() as u64)?;
-        }
-        whole.record(chain_started.elapsed().as_nanos() as u64)?;
-    }
-    let micros = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    println!(
-        "policy chain evaluation, {iterations} iterations, fresh instance per evaluation (input building included in 'chain'):"
-    );
-    for (policy, histogram) in policies.iter().zip(&per_policy) {
-        println!(
-            "  {:<8} p50 {:>7.1} µs  p99 {:>7.1} µs",
-            policy.name(),
-            micros(histogram, 0.5),
-            micros(histogram, 0.99)
-        );
-    }
-    println!(
-        "  {:<8} p50 {:>7.1} µs  p99 {:>7.1} µs",
-        "chain",
-        micros(&whole, 0.5),
-        micros(&whole, 0.99)
-    );
-    Ok(())
-}
-
-fn new_histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram bounds")
 }

@@ -1,41 +1,74 @@
-//! `hotpath replay`: persisted messages from the replay window sent through the pipeline again.
+//! `hotpath replay`: persisted messages from the replay window put back into Postgres, each
+//! with the seq it had.
 //!
-//! `REPLAY` holds every persisted message as it was accepted (ADR 0004). Replaying a range
-//! re-publishes each entry to its partition's subject in `MESSAGES`, in window order, with
-//! `Nats-Msg-Id` `replay:REPLAY:<seq>`: the original key would be dropped by `MESSAGES`'s
-//! duplicate window if the message was accepted in the last two minutes, and the window
-//! sequence makes a replay repeated within those two minutes a duplicate itself. Everything
-//! downstream is idempotent: a message already in Postgres is found by its idempotency key and
-//! only acknowledged (it takes no new seq, its pushes are not scheduled twice), so a replay
-//! never stores anything twice. What it is for: recovering after Postgres lost data (a restore
-//! from an older backup), or reprocessing after a bug in what runs after persisting.
+//! `REPLAY` holds every persisted message as it was accepted, with where its row sits
+//! (ADR 0004, ADR 0012). A replay reads a range of it (from a window sequence or a time, up to
+//! a sequence, one partition or all) through an ordered consumer: ephemeral, unacknowledged,
+//! so the live durable consumers are not touched and nothing is left behind. Each batch is
+//! restored in one transaction ([`hotpath_consumers::restore`]): a message already stored is
+//! left alone, a lost one is inserted exactly as it was, seq included, and `last_seq` covers
+//! it. So a replay is always safe to run, repeat or cut short; its main use is a Postgres
+//! restored from last night's backup getting the rest of the day back.
 //!
-//! A replay respects the backlog bound like a gateway: before each chunk it reads `MESSAGES`
-//! and waits while the backlog is at half the stream's ceiling (the gateways' bound), so a
-//! large replay never makes senders see 503 `BACKLOG_FULL` for long, nor fills the stream.
+//! Reading is in window order, which is each partition's persist order, and batches are
+//! restored one after another, so order is kept per partition and conversation. A replay
+//! restores the record only: it fans out nothing and schedules no push (they happened when
+//! the message was first persisted).
+//!
+//! It is an operator command: NATS with the operator's credentials ([`NatsTarget`]), Postgres
+//! at `--database-url`. It prints a summary per partition on stdout, draws a progress bar on
+//! stderr when that is a terminal, and exits non-zero when some entry could not be restored.
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer::DeliverPolicy, message::PublishMessage};
+use async_nats::jetstream::{self, Message, consumer::DeliverPolicy};
+use hotpath_consumers::restore::{self, Entry, Restoration, WindowEntry};
+use hotpath_core::config::DEFAULT_DATABASE_URL;
 use hotpath_core::names::{
-    MESSAGES_STREAM, REPLAY_STREAM, message_subject, replay_subject, replayed_msg_id,
+    MESSAGES_STREAM, REPLAY_STREAM, partition_of_replay_subject, replay_subject,
 };
-use hotpath_core::stream_copy::{Pipeline, StreamReader, stream_sequence};
+use hotpath_core::stream_copy::{StreamReader, stream_sequence};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use sqlx::PgPool;
 
-/// Messages between two looks at the backlog.
-const CHUNK: u64 = 1000;
-/// Pause while the backlog is at its bound.
-const BACKLOG_WAIT: Duration = Duration::from_millis(250);
+use crate::nats_target::NatsTarget;
+
+/// Window entries restored in one transaction.
+const BATCH: usize = 500;
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Replay from this `REPLAY` sequence on (`nats stream info REPLAY` shows the first and
+    /// last).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "since", required_unless_present = "since")]
+    pub from_seq: Option<u64>,
+    /// Replay the entries stored this long ago or later (`30m`, `2h`, `1day`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+    /// Stop after this `REPLAY` sequence (inclusive).
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// Only this partition's messages.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Postgres URL (default: `hotpath up`'s Postgres from its data directory, else the
+    /// roles' default).
+    #[arg(long, env = "HOTPATH_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
 
 /// Which entries of the window to replay.
 #[derive(Debug, Clone)]
 pub struct Selection {
     pub from: From,
+    /// The last window sequence to replay.
+    pub to_seq: Option<u64>,
     /// Only this partition's entries.
     pub partition: Option<u32>,
-    /// At most this many entries.
-    pub limit: Option<u64>,
 }
 
 /// Where in the window a replay starts.
@@ -47,73 +80,177 @@ pub enum From {
     Since(Duration),
 }
 
-/// What a replay did.
+/// What became of one partition's entries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Entries read from the window.
+    pub read: u64,
+    /// Rows inserted again, with their own seq.
+    pub restored: u64,
+    /// Rows that were there already.
+    pub present: u64,
+    /// Rows inserted with a new seq: copies made before copies carried theirs.
+    pub renumbered: u64,
+    /// Entries not restored: their seq is held by another message, their conversation is
+    /// gone, or the entry cannot be read.
+    pub not_restored: u64,
+}
+
+impl Tally {
+    fn add(&mut self, other: &Tally) {
+        self.read += other.read;
+        self.restored += other.restored;
+        self.present += other.present;
+        self.renumbered += other.renumbered;
+        self.not_restored += other.not_restored;
+    }
+}
+
+/// What a replay did: a tally per partition, and the window sequences it read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replayed {
-    /// Entries re-published.
-    pub messages: u64,
-    /// Of them, dropped by `MESSAGES` as a repeat of a replay within its duplicate window.
-    pub duplicates: u64,
-    /// The first and last `REPLAY` sequence re-published.
+    pub partitions: BTreeMap<u32, Tally>,
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct ReplayArgs {
-    /// Replay the entries stored this long ago or later (`30m`, `2h`, `7d`).
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "from_seq", required_unless_present = "from_seq")]
-    pub since: Option<Duration>,
-    /// Replay from this `REPLAY` sequence on.
-    #[arg(long)]
-    pub from_seq: Option<u64>,
-    /// Only this partition's messages.
-    #[arg(long)]
-    pub partition: Option<u32>,
-    /// At most this many messages.
-    #[arg(long)]
-    pub limit: Option<u64>,
+impl Replayed {
+    pub fn total(&self) -> Tally {
+        let mut total = Tally::default();
+        for tally in self.partitions.values() {
+            total.add(tally);
+        }
+        total
+    }
 }
 
 impl ReplayArgs {
-    fn selection(&self) -> Selection {
+    /// The selection, refusing what cannot mean anything (a range that ends before it starts).
+    pub fn selection(&self) -> anyhow::Result<Selection> {
         let from = match (self.from_seq, self.since) {
-            (Some(seq), _) => From::Sequence(seq),
+            (Some(seq), None) => From::Sequence(seq),
             (None, Some(since)) => From::Since(since),
-            // clap requires one of the two.
-            (None, None) => From::Sequence(1),
+            _ => anyhow::bail!("give exactly one of --from-seq and --since"),
         };
-        Selection {
-            from,
-            partition: self.partition,
-            limit: self.limit,
+        if let (From::Sequence(from), Some(to)) = (from, self.to_seq) {
+            anyhow::ensure!(
+                to >= from,
+                "--to-seq {to} is before --from-seq {from}: the range would be empty"
+            );
         }
+        Ok(Selection {
+            from,
+            to_seq: self.to_seq,
+            partition: self.partition,
+        })
+    }
+
+    /// Where Postgres is: the flag or env, else `hotpath up`'s data directory, else the
+    /// roles' default.
+    fn database_url(&self, data_dir: &Path) -> String {
+        self.database_url
+            .clone()
+            .or_else(|| {
+                hotpath_localstack::Ports::read(data_dir)
+                    .ok()
+                    .map(|p| format!("postgres://postgres@127.0.0.1:{}/hotpath", p.postgres))
+            })
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
     }
 }
 
-pub async fn run(args: ReplayArgs, nats_url: String) -> anyhow::Result<()> {
-    let client = hotpath_core::streams::connect(&nats_url, "hotpath-replay").await?;
+pub async fn run(args: ReplayArgs, nats: &NatsTarget) -> anyhow::Result<()> {
+    let selection = args.selection()?;
+    let client = nats.connect("hotpath-replay").await?;
     let js = jetstream::new(client);
-    let replayed = replay(&js, &args.selection()).await?;
-    match (replayed.first_seq, replayed.last_seq) {
-        (Some(first), Some(last)) => println!(
-            "replayed {} messages of {REPLAY_STREAM} (sequences {first} to {last}) into \
-             {MESSAGES_STREAM}; {} of them were repeats of a replay in the last two minutes. \
-             Messages already in Postgres are only acknowledged.",
-            replayed.messages, replayed.duplicates
-        ),
-        _ => println!("nothing in {REPLAY_STREAM} matches; nothing replayed"),
-    }
+    let url = args.database_url(&nats.data_dir);
+    let pool = hotpath_core::db::connect(&url, 2).await?;
+    hotpath_core::db::check_migrated(&pool).await?;
+    let replayed = replay(&js, &pool, &selection, progress_target()).await?;
+    print_summary(&replayed);
+    let not_restored = replayed.total().not_restored;
+    anyhow::ensure!(
+        not_restored == 0,
+        "{not_restored} entries were not restored (see above)"
+    );
     Ok(())
 }
 
-/// Re-publishes the selected entries of `REPLAY` into `MESSAGES`, in window order.
-pub async fn replay(js: &jetstream::Context, selection: &Selection) -> anyhow::Result<Replayed> {
+/// Where the progress bar is drawn: stderr, only when it is a terminal (stdout is the summary,
+/// and a log or a pipe gets no bar).
+fn progress_target() -> ProgressDrawTarget {
+    if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    }
+}
+
+fn print_summary(replayed: &Replayed) {
+    let (Some(first), Some(last)) = (replayed.first_seq, replayed.last_seq) else {
+        println!("nothing in {REPLAY_STREAM} matches; nothing replayed");
+        return;
+    };
+    println!("replayed {REPLAY_STREAM} sequences {first} to {last}");
+    for (partition, tally) in &replayed.partitions {
+        println!("partition {partition}: {}", describe(tally));
+    }
+    println!("total: {}", describe(&replayed.total()));
+}
+
+fn describe(tally: &Tally) -> String {
+    format!(
+        "read {}, restored {}, already present {}, renumbered {}, not restored {}",
+        tally.read, tally.restored, tally.present, tally.renumbered, tally.not_restored
+    )
+}
+
+/// Restores the selected entries of `REPLAY` into Postgres, in window order, drawing progress
+/// on `progress`.
+pub async fn replay(
+    js: &jetstream::Context,
+    pool: &PgPool,
+    selection: &Selection,
+    progress: ProgressDrawTarget,
+) -> anyhow::Result<Replayed> {
+    // Entries are read on their partition's subject, which names the partition; the count
+    // is only the fallback of an entry delivered elsewhere (see `WindowEntry::read`).
+    let partitions = partition_count(js, selection.partition).await?.unwrap_or(1);
     let filter = match selection.partition {
         Some(partition) => replay_subject(partition),
         None => "replay.msgs.*".to_string(),
     };
-    let start = match selection.from {
+    let mut reader = StreamReader::open(js, REPLAY_STREAM, &filter, start(selection)?).await?;
+    let bar = ProgressBar::with_draw_target(Some(reader.total()), progress);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} entries, {per_sec}, eta {eta}")
+            .context("progress bar style")?,
+    );
+    let mut replayed = Replayed::default();
+    let mut batch: Vec<Message> = Vec::with_capacity(BATCH);
+    let to_seq = selection.to_seq.unwrap_or(u64::MAX);
+    while let Some(message) = reader.next().await? {
+        let seq = stream_sequence(&message)?;
+        if seq > to_seq {
+            break;
+        }
+        replayed.first_seq.get_or_insert(seq);
+        replayed.last_seq = Some(seq);
+        batch.push(message);
+        if batch.len() == BATCH {
+            restore_batch(pool, &batch, partitions, &mut replayed).await?;
+            bar.inc(batch.len() as u64);
+            batch.clear();
+        }
+    }
+    restore_batch(pool, &batch, partitions, &mut replayed).await?;
+    bar.finish_and_clear();
+    Ok(replayed)
+}
+
+/// The ordered consumer's start for `selection`.
+fn start(selection: &Selection) -> anyhow::Result<DeliverPolicy> {
+    Ok(match selection.from {
         From::Sequence(seq) => DeliverPolicy::ByStartSequence {
             start_sequence: seq.max(1),
         },
@@ -125,77 +262,133 @@ pub async fn replay(js: &jetstream::Context, selection: &Selection) -> anyhow::R
                     .map_err(|error| anyhow::anyhow!("{error}"))?,
             }
         }
-    };
-    let mut reader = StreamReader::open(js, REPLAY_STREAM, &filter, start).await?;
-    let mut pipeline = Pipeline::new(js);
-    let mut replayed = Replayed::default();
-    let limit = selection.limit.unwrap_or(u64::MAX);
-    while replayed.messages < limit {
-        let Some(message) = reader.next().await? else {
-            break;
-        };
-        if replayed.messages % CHUNK == 0 {
-            wait_for_room(js).await?;
-        }
-        let seq = stream_sequence(&message)?;
-        let partition = partition_of_subject(&message.subject)
-            .with_context(|| format!("{REPLAY_STREAM} entry {seq} is on {}", message.subject))?;
-        let publish = PublishMessage::build()
-            .payload(message.payload.clone())
-            .message_id(replayed_msg_id(seq));
-        pipeline
-            .publish(message_subject(partition), publish)
-            .await?;
-        replayed.first_seq.get_or_insert(seq);
-        replayed.last_seq = Some(seq);
-        replayed.messages += 1;
+    })
+}
+
+/// The installation's partition count, as `MESSAGES` recorded it at creation (`None` for a
+/// stream made before it was recorded); refuses a selected partition it does not have.
+async fn partition_count(
+    js: &jetstream::Context,
+    selected: Option<u32>,
+) -> anyhow::Result<Option<u32>> {
+    let stream = js
+        .get_stream(MESSAGES_STREAM)
+        .await
+        .with_context(|| format!("reading {MESSAGES_STREAM}'s partition count"))?;
+    let partitions = hotpath_core::streams::recorded_partitions(&stream.cached_info().config);
+    if let (Some(partition), Some(partitions)) = (selected, partitions) {
+        anyhow::ensure!(
+            partition < partitions,
+            "there is no partition {partition}: this installation has {partitions} (0 to {})",
+            partitions - 1
+        );
     }
-    replayed.duplicates = pipeline.finish().await?.duplicates;
-    Ok(replayed)
+    Ok(partitions)
 }
 
-/// `replay.msgs.<p>` → p.
-fn partition_of_subject(subject: &str) -> Option<u32> {
-    subject.strip_prefix("replay.msgs.")?.parse().ok()
+/// Restores one batch of window entries and adds what became of them to `replayed`.
+async fn restore_batch(
+    pool: &PgPool,
+    batch: &[Message],
+    partitions: u32,
+    replayed: &mut Replayed,
+) -> anyhow::Result<()> {
+    let mut reads = Vec::with_capacity(batch.len());
+    for message in batch {
+        let window_seq = stream_sequence(message)?;
+        let read = WindowEntry::read(
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+            partitions,
+        );
+        match read {
+            Ok(read) => reads.push((window_seq, read)),
+            Err(why) => {
+                eprintln!("{REPLAY_STREAM} entry {window_seq} not restored: {why}");
+                let partition = partition_of_replay_subject(&message.subject).unwrap_or(u32::MAX);
+                let tally = replayed.partitions.entry(partition).or_default();
+                tally.read += 1;
+                tally.not_restored += 1;
+            }
+        }
+    }
+    let entries: Vec<Entry<'_>> = reads.iter().map(|(_, read)| read.entry()).collect();
+    let outcome = restore::restore(pool, &entries).await.context(
+        "restoring into Postgres (what was restored before stays; run the replay again)",
+    )?;
+    for ((window_seq, read), restoration) in reads.iter().zip(outcome) {
+        let tally = replayed.partitions.entry(read.partition).or_default();
+        tally.read += 1;
+        match restoration {
+            Restoration::Restored => tally.restored += 1,
+            Restoration::Present => tally.present += 1,
+            Restoration::Renumbered => tally.renumbered += 1,
+            Restoration::SeqTaken | Restoration::NoConversation => {
+                tally.not_restored += 1;
+                eprintln!(
+                    "{REPLAY_STREAM} entry {window_seq} (message {}, conversation {}, seq {}) not restored: {}",
+                    read.envelope.message_id,
+                    read.envelope.conversation_id,
+                    read.seq.unwrap_or_default(),
+                    why_not(restoration)
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
-/// Waits while `MESSAGES` holds half its ceiling or more: the backlog bound the gateways
-/// shed load at (`HOTPATH_BACKLOG_MAX_*`; the stream's limits are twice it).
-async fn wait_for_room(js: &jetstream::Context) -> anyhow::Result<()> {
-    let mut told = false;
-    loop {
-        let stream = js
-            .get_stream(MESSAGES_STREAM)
-            .await
-            .context("reading MESSAGES")?;
-        let info = stream.cached_info();
-        let at_bound =
-            |held: u64, ceiling: i64| ceiling > 0 && held.saturating_mul(2) >= ceiling as u64;
-        let full = at_bound(info.state.messages, info.config.max_messages)
-            || at_bound(info.state.bytes, info.config.max_bytes);
-        if !full {
-            return Ok(());
+fn why_not(restoration: Restoration) -> &'static str {
+    match restoration {
+        Restoration::SeqTaken => {
+            "another message holds its seq (persisted after the restore, before this replay)"
         }
-        if !told {
-            eprintln!(
-                "the backlog is at its bound ({} messages waiting to be persisted): waiting for the consumers",
-                info.state.messages
-            );
-            told = true;
-        }
-        tokio::time::sleep(BACKLOG_WAIT).await;
+        Restoration::NoConversation => "its conversation does not exist",
+        Restoration::Restored | Restoration::Present | Restoration::Renumbered => "",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: ReplayArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<ReplayArgs, clap::Error> {
+        Command::try_parse_from(std::iter::once("replay").chain(argv.iter().copied()))
+            .map(|c| c.args)
+    }
 
     #[test]
-    fn partitions_come_from_window_subjects() {
-        assert_eq!(partition_of_subject("replay.msgs.12"), Some(12));
-        assert_eq!(partition_of_subject(&replay_subject(3)), Some(3));
-        assert_eq!(partition_of_subject("msgs.in.3"), None);
-        assert_eq!(partition_of_subject("replay.msgs.x"), None);
+    fn a_range_is_a_start_and_an_optional_end() {
+        let args = parse(&["--from-seq", "3", "--to-seq", "9", "--partition", "2"]).unwrap();
+        let selection = args.selection().unwrap();
+        assert!(matches!(selection.from, From::Sequence(3)));
+        assert_eq!((selection.to_seq, selection.partition), (Some(9), Some(2)));
+        let args = parse(&["--since", "1h"]).unwrap();
+        assert!(matches!(
+            args.selection().unwrap().from,
+            From::Since(d) if d == Duration::from_secs(3600)
+        ));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(parse(&["--from-seq", "3", "--since", "1h"]).is_err());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--since", "an hour"]).is_err());
+        assert!(parse(&["--from-seq", "0"]).is_err());
+        let backwards = parse(&["--from-seq", "9", "--to-seq", "3"]).unwrap();
+        let error = backwards.selection().unwrap_err().to_string();
+        assert!(
+            error.contains("--to-seq 3 is before --from-seq 9"),
+            "{error}"
+        );
     }
 }

@@ -10,23 +10,49 @@ use async_nats::jetstream;
 use hotpath_consumers::Holdings;
 use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
+use hotpath_core::nats_auth::NatsUser;
 use hotpath_core::policy_store::PolicyStore;
-use hotpath_core::{db, streams};
+use hotpath_core::{db, presence, streams};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Makes sure the streams, the schema and a policy chain exist. Every role does this at start;
-/// each step is idempotent and safe to run concurrently.
+/// Makes sure the streams, the buckets, the schema and a policy chain exist, creating what is
+/// missing and bringing the rest to this configuration (limits, replicas): `hotpath migrate`,
+/// `hotpath up`, and every role started without NATS credentials. Each step is idempotent
+/// and safe to run concurrently.
 pub async fn prepare(config: &Config) -> anyhow::Result<()> {
-    let nats = streams::connect(&config.nats_url, "hotpath-setup").await?;
+    let creds = config.nats_creds.as_deref();
+    let nats =
+        streams::connect(&config.nats_url, "hotpath-setup", NatsUser::Operator, creds).await?;
     let js = jetstream::new(nats);
     streams::ensure_streams(&js, config).await?;
+    ensure_buckets(&js, config).await?;
     install_shipped_policies(&js, &config.policy_dir).await?;
     let pool = db::connect(&config.database_url, 2).await?;
     db::migrate(&pool).await?;
     pool.close().await;
     Ok(())
+}
+
+/// What a role does before it starts. Without NATS credentials (a development nats-server,
+/// where anyone may create anything) it sets everything up itself ([`prepare`]). With them it
+/// runs as a least-privilege user that may create nothing but its own durable consumers, so it
+/// only checks that what it needs is there ([`crate::prepared::check`]); `hotpath migrate`
+/// with the operator's credentials makes it (docs/adr/0009-nats-accounts.md).
+pub async fn prepare_role(config: &Config, user: NatsUser) -> anyhow::Result<()> {
+    match config.nats_creds {
+        None => prepare(config).await,
+        Some(_) => crate::prepared::check(config, user).await,
+    }
+}
+
+/// The KV buckets and the object store, with this deployment's replicas and TTLs.
+async fn ensure_buckets(js: &jetstream::Context, config: &Config) -> anyhow::Result<()> {
+    let replicas = config.nats_replicas;
+    presence::ensure_bucket(js, config.presence_ttl(), replicas).await?;
+    PolicyStore::ensure_buckets(js, replicas).await?;
+    hotpath_consumers::lease::ensure_bucket(js, config.lease_ttl(), replicas).await
 }
 
 /// The shipped policies, in chain order.
@@ -65,7 +91,13 @@ pub async fn spawn_gateway(
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
     let verifier = TokenVerifier::load(&config).await?;
-    let nats = streams::connect(&config.nats_url, "hotpath-gateway").await?;
+    let nats = streams::connect(
+        &config.nats_url,
+        "hotpath-gateway",
+        NatsUser::Gateway,
+        config.nats_creds.as_deref(),
+    )
+    .await?;
     let databases = hotpath_gateway::Databases::connect(&config).await?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -94,7 +126,13 @@ pub async fn spawn_consumers_reporting(
     holdings: Holdings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
-    let nats = streams::connect(&config.nats_url, "hotpath-consumers").await?;
+    let nats = streams::connect(
+        &config.nats_url,
+        "hotpath-consumers",
+        NatsUser::Consumers,
+        config.nats_creds.as_deref(),
+    )
+    .await?;
     let pool = db::connect(&config.database_url, config.db_max_connections).await?;
     Ok(tokio::spawn(async move {
         hotpath_consumers::run(&config, nats, pool, holdings, shutdown).await
@@ -112,7 +150,13 @@ pub async fn spawn_push(
         Some(senders) => senders,
         None => hotpath_consumers::push::senders_from_config(&config)?,
     };
-    let nats = streams::connect(&config.nats_url, "hotpath-push").await?;
+    let nats = streams::connect(
+        &config.nats_url,
+        "hotpath-push",
+        NatsUser::Push,
+        config.nats_creds.as_deref(),
+    )
+    .await?;
     let pool = db::connect(&config.database_url, config.db_max_connections).await?;
     Ok(tokio::spawn(async move {
         hotpath_consumers::push::worker::run(&config, nats, pool, senders, shutdown).await

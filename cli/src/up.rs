@@ -1,5 +1,4 @@
-//! `hotpath up`: the whole system on one machine, in one process, for a developer or a
-//! newcomer.
+//! `hotpath up`: the whole system on one machine, for a developer or a newcomer.
 //!
 //! It starts (never installs) a nats-server with JetStream and a Postgres cluster in the data
 //! directory, on ports it records there so URLs stay the same from run to run, applies
@@ -8,7 +7,12 @@
 //! talk to it. Ctrl-C drains and stops everything. The servers are children of this process
 //! and die with it even on `kill -9`; the next `hotpath up` finds their data where they left it
 //! (Postgres and JetStream both recover their own files) and carries on.
+//!
+//! By default the roles run inside this process, on tasks. Asked for a topology
+//! (`--gateways`, `--consumer-replicas`, `--nats-nodes`, see [`Topology`]), it runs the
+//! production shape instead, each role its own supervised process: [`crate::topology`].
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,73 +20,68 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hotpath_core::auth;
 use hotpath_core::config::Config;
-use hotpath_localstack::{NatsOptions, NatsServer, Postgres, free_port};
-use serde::{Deserialize, Serialize};
+use hotpath_localstack::{NatsOptions, NatsServer, Ports, Postgres, free_port};
 use tokio_util::sync::CancellationToken;
 
 use crate::roles;
 
-/// Ports chosen on the first run (recorded in `ports.json`), reused on later ones when still
-/// free. Other tools (`hotpath bench`) find the servers through them.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Ports {
-    pub nats: u16,
-    pub postgres: u16,
+/// What `hotpath up` was asked to run besides the servers. Any of the three given (on the
+/// command line or through its environment variable, whatever the value) selects the
+/// production topology, each role its own process ([`crate::topology`]); none given keeps
+/// everything in this process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Topology {
+    pub nats_nodes: Option<u32>,
+    pub gateways: Option<u32>,
+    pub consumer_replicas: Option<u32>,
 }
 
-/// The ports `hotpath up` recorded in `data_dir`.
-pub fn read_ports(data_dir: &Path) -> anyhow::Result<Ports> {
-    let path = data_dir.join("ports.json");
-    let bytes = std::fs::read(&path).with_context(|| {
-        format!(
-            "reading {} (start the system with `hotpath up --data-dir {}`)",
-            path.display(),
-            data_dir.display()
-        )
-    })?;
-    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+impl Topology {
+    pub fn process_mode(&self) -> bool {
+        self.nats_nodes.is_some() || self.gateways.is_some() || self.consumer_replicas.is_some()
+    }
 }
 
-pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyhow::Result<()> {
+/// `hotpath up`: the servers and the roles, until Ctrl-C. `forwarded` are the settings given
+/// as flags, as the environment variables that carry them to role processes.
+pub async fn up(
+    data_dir: &Path,
+    config: Config,
+    topology: Topology,
+    forwarded: Vec<(String, OsString)>,
+) -> anyhow::Result<()> {
+    let data_dir = claim_data_dir(data_dir)?;
+    let outcome = if topology.process_mode() {
+        crate::topology::up(&data_dir, config, topology, forwarded).await
+    } else {
+        in_process(&data_dir, config).await
+    };
+    let _ = std::fs::remove_file(data_dir.join("up.pid"));
+    outcome
+}
+
+/// Creates the data directory, refuses it if another `hotpath up` runs on it, and records
+/// this process as its owner. Returns its canonical path.
+fn claim_data_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     refuse_if_already_running(&data_dir)?;
     std::fs::write(data_dir.join("up.pid"), std::process::id().to_string())?;
-
     open_path_for_postgres(&data_dir)?;
-    let ports = choose_ports(&data_dir)?;
-    println!(
-        "starting nats-server on 127.0.0.1:{} (data in {})",
-        ports.nats,
-        data_dir.join("nats").display()
-    );
-    let nats_options = NatsOptions {
-        sync_interval: config.nats_sync.map(|sync| sync.to_string()),
-    };
-    let mut nats = NatsServer::start_with(&data_dir.join("nats"), ports.nats, nats_options).await?;
-    println!(
-        "starting Postgres on 127.0.0.1:{} (data in {})",
-        ports.postgres,
-        data_dir.join("postgres").display()
-    );
-    let mut postgres =
-        Postgres::start(&data_dir.join("postgres"), ports.postgres, "hotpath", &[]).await?;
+    Ok(data_dir)
+}
 
-    config.nats_url = nats.url();
-    config.database_url = postgres.url();
-    config.listen = listen;
-    if config.jwt_secret.is_none()
-        && config.jwt_secret_file.is_none()
-        && config.jwt_public_key_file.is_none()
-        && config.jwt_jwks_url.is_none()
-    {
-        config.jwt_secret_file = Some(ensure_dev_secret(&data_dir)?);
-    }
+/// Everything in this process: the servers, then the roles on tasks.
+async fn in_process(data_dir: &Path, mut config: Config) -> anyhow::Result<()> {
+    let ports = choose_ports(data_dir)?;
+    ports.write(data_dir)?;
+    let (mut nats, mut postgres) = start_servers(data_dir, &ports, &config).await?;
+    configure(&mut config, &nats.url(), &postgres.url(), data_dir)?;
     tracing::info!(config = %config, "configuration");
 
     let shutdown = CancellationToken::new();
-    let outcome = run_until_signal(&config, &data_dir, shutdown).await;
+    let outcome = run_until_signal(&config, data_dir, shutdown).await;
 
     println!("stopping nats-server and Postgres");
     if let Err(error) = nats.stop().await {
@@ -91,8 +90,60 @@ pub async fn up(data_dir: &Path, listen: SocketAddr, mut config: Config) -> anyh
     if let Err(error) = postgres.stop().await {
         tracing::warn!(%error, "stopping Postgres");
     }
-    let _ = std::fs::remove_file(data_dir.join("up.pid"));
     outcome
+}
+
+/// Starts the single nats-server and Postgres on `ports`, with their data in `data_dir`.
+async fn start_servers(
+    data_dir: &Path,
+    ports: &Ports,
+    config: &Config,
+) -> anyhow::Result<(NatsServer, Postgres)> {
+    println!(
+        "starting nats-server on 127.0.0.1:{} (data in {})",
+        ports.nats,
+        data_dir.join("nats").display()
+    );
+    let nats =
+        NatsServer::start_with(&data_dir.join("nats"), ports.nats, nats_options(config)).await?;
+    let postgres = start_postgres(data_dir, ports.postgres).await?;
+    Ok((nats, postgres))
+}
+
+/// Starts Postgres on `port`, with its cluster in `<data_dir>/postgres`.
+pub(crate) async fn start_postgres(data_dir: &Path, port: u16) -> anyhow::Result<Postgres> {
+    println!(
+        "starting Postgres on 127.0.0.1:{port} (data in {})",
+        data_dir.join("postgres").display()
+    );
+    Postgres::start(&data_dir.join("postgres"), port, "hotpath", &[]).await
+}
+
+/// How the configuration shapes the nats-servers `hotpath up` generates configs for.
+pub(crate) fn nats_options(config: &Config) -> NatsOptions {
+    NatsOptions {
+        sync_interval: config.nats_sync.map(|sync| sync.to_string()),
+    }
+}
+
+/// Points the configuration at the local servers, with the development JWT secret unless
+/// another way of verifying tokens is configured.
+pub(crate) fn configure(
+    config: &mut Config,
+    nats_url: &str,
+    database_url: &str,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    config.nats_url = nats_url.to_owned();
+    config.database_url = database_url.to_owned();
+    if config.jwt_secret.is_none()
+        && config.jwt_secret_file.is_none()
+        && config.jwt_public_key_file.is_none()
+        && config.jwt_jwks_url.is_none()
+    {
+        config.jwt_secret_file = Some(ensure_dev_secret(data_dir)?);
+    }
+    Ok(())
 }
 
 async fn run_until_signal(
@@ -186,25 +237,28 @@ fn refuse_if_already_running(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The recorded ports if they are still free, else new free ones (recorded for next time).
-fn choose_ports(data_dir: &Path) -> anyhow::Result<Ports> {
-    let path = data_dir.join("ports.json");
-    let recorded = read_ports(data_dir).ok();
-    let usable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
-    let ports = Ports {
-        nats: recorded
-            .as_ref()
-            .map(|p| p.nats)
-            .filter(|p| usable(*p))
-            .map_or_else(free_port, Ok)?,
-        postgres: recorded
-            .as_ref()
-            .map(|p| p.postgres)
-            .filter(|p| usable(*p))
-            .map_or_else(free_port, Ok)?,
-    };
-    std::fs::write(&path, serde_json::to_vec_pretty(&ports)?)?;
-    Ok(ports)
+/// The recorded ports of the servers if they are still free, else new free ones. The caller
+/// records them (for next time and for the tools).
+pub(crate) fn choose_ports(data_dir: &Path) -> anyhow::Result<Ports> {
+    let recorded = Ports::read(data_dir).ok();
+    Ok(Ports {
+        nats: reuse_or_free(recorded.as_ref().map(|p| p.nats))?,
+        postgres: reuse_or_free(recorded.as_ref().map(|p| p.postgres))?,
+        up_pid: Some(std::process::id()),
+        ..Ports::default()
+    })
+}
+
+/// `recorded` if it is still free on 127.0.0.1, else a free port.
+pub(crate) fn reuse_or_free(recorded: Option<u16>) -> anyhow::Result<u16> {
+    match recorded.filter(|port| port_is_free(*port)) {
+        Some(port) => Ok(port),
+        None => Ok(free_port()?),
+    }
+}
+
+pub(crate) fn port_is_free(port: u16) -> bool {
+    port != 0 && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 /// The development HS256 secret, generated on first run. One the gateway would refuse (empty,
@@ -231,48 +285,69 @@ pub fn ensure_dev_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn configured(yes: bool) -> &'static str {
-    if yes { "configured" } else { "not configured" }
+/// Whether APNS and FCM have credentials, for the banner.
+pub(crate) fn push_line(config: &Config) -> String {
+    let configured = |yes: bool| if yes { "configured" } else { "not configured" };
+    format!(
+        "APNS {}, FCM {}",
+        configured(
+            config.apns_key_file.is_some()
+                || config.apns_key.is_some()
+                || config.apns_cert_file.is_some()
+        ),
+        configured(config.fcm_credentials_file.is_some() || config.fcm_credentials.is_some()),
+    )
 }
 
 fn print_welcome(addr: SocketAddr, config: &Config, data_dir: &Path) -> anyhow::Result<()> {
-    let secret = auth::hs256_secret(config)?;
-    let alice = auth::mint_hs256_token(&secret, "alice", 86_400)?;
     let base = format!("http://{addr}");
     println!(
         r#"
 Hotpath is up.
   API          {base}/v1/messages   (POST)
   health       {base}/healthz  {base}/readyz
+  web client   {base}/             (open in a browser, sign in with a token from `hotpath token <user>`)
   live view    {base}/live         (open in a browser: watch messages arrive over the WebSocket)
   metrics      {base}/metrics
-  push         APNS {apns}, FCM {fcm} (credentials: README, "Offline push")
+  push         {push} (credentials: README, "Offline push")
   NATS         {nats}
   Postgres     {pg}
   data dir     {dir}
+{try_it}"#,
+        push = push_line(config),
+        nats = hotpath_core::config::redact_nats_url(&config.nats_url),
+        pg = hotpath_core::config::redact_url_password(&config.database_url),
+        dir = data_dir.display(),
+        try_it = try_it(config, &base, &base, data_dir)?,
+    );
+    Ok(())
+}
 
+/// The walkthrough under the banner: a token for alice, a conversation created through
+/// `create`, a message sent through `send`, the history read back through `create`.
+pub(crate) fn try_it(
+    config: &Config,
+    create: &str,
+    send: &str,
+    data_dir: &Path,
+) -> anyhow::Result<String> {
+    let secret = auth::hs256_secret(config)?;
+    let alice = auth::mint_hs256_token(&secret, "alice", 86_400)?;
+    Ok(format!(
+        r#"
 Try it (tokens for other users: hotpath token <user> --data-dir {dir}):
 
   export TOKEN={alice}
-  CONV=$(curl -s -X POST {base}/v1/conversations -H "Authorization: Bearer $TOKEN" \
+  CONV=$(curl -s -X POST {create}/v1/conversations -H "Authorization: Bearer $TOKEN" \
       -H 'Content-Type: application/json' -d '{{"type":"group","members":["bob"]}}' \
       | sed 's/.*"conversationId":"\([^"]*\)".*/\1/')
-  curl -s -X POST {base}/v1/messages -H "Authorization: Bearer $TOKEN" \
+  curl -s -X POST {send}/v1/messages -H "Authorization: Bearer $TOKEN" \
       -H 'Content-Type: application/json' \
       -d "{{\"conversationId\":\"$CONV\",\"content\":\"hello\",\"contentType\":\"text\",\"clientMessageId\":\"m-1\"}}"
-  curl -s {base}/v1/conversations/$CONV/messages -H "Authorization: Bearer $TOKEN"
+  curl -s {create}/v1/conversations/$CONV/messages -H "Authorization: Bearer $TOKEN"
 
 Press Ctrl-C to stop.
 "#,
-        nats = hotpath_core::config::redact_nats_url(&config.nats_url),
-        apns = configured(
-            config.apns_key_file.is_some()
-                || config.apns_key.is_some()
-                || config.apns_cert_file.is_some()
-        ),
-        fcm = configured(config.fcm_credentials_file.is_some() || config.fcm_credentials.is_some()),
-        pg = hotpath_core::config::redact_url_password(&config.database_url),
         dir = data_dir.display(),
-    );
-    Ok(())
+    ))
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
+use hotpath_core::domain::DlqSource;
 use hotpath_core::envelope::{ENVELOPE_VERSION, Envelope};
 use hotpath_core::names::{self, dlq_headers};
 use hotpath_core::receipts::ReceiptState;
@@ -566,7 +567,10 @@ async fn a_poison_message_lands_in_the_dlq_and_does_not_block_its_partition() {
     let mut entries = HashMap::new();
     for seq in state.first_sequence..=state.last_sequence {
         let entry = dlq.get_raw_message(seq).await.expect("DLQ entry");
-        assert_eq!(entry.subject.as_str(), names::dlq_subject("messages"));
+        assert_eq!(
+            entry.subject.as_str(),
+            names::dlq_subject(DlqSource::Messages)
+        );
         let header = |name: &str| {
             entry
                 .headers

@@ -1,8 +1,8 @@
 //! Consumer replicas as an operator runs them: real `hotpath consumers` processes of the built
 //! binary against the test's NATS and Postgres, two of them configured for the same partitions,
-//! one killed with SIGKILL, one configured to own nothing. What is asserted is what an
-//! operator can see: the rows in Postgres, the lease values in the `PARTITION_LEASES` bucket,
-//! `/readyz`, and the log.
+//! one killed with SIGKILL, one configured to own nothing, and two replicas of two covering for
+//! each other. What is asserted is what an operator can see: the rows in Postgres, the lease
+//! values in the `PARTITION_LEASES` bucket, `/readyz`, and the log.
 
 use hotpath_testkit as support;
 
@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use hotpath_core::names::{PARTITION_LEASES_BUCKET, partition_lease_key};
+use hotpath_consumers::lease::Timing;
+use hotpath_core::names::{PARTITION_LEASES_BUCKET, partition_lease_key, partition_of};
 use serde_json::{Value, json};
 use support::{System, text};
 use tokio_util::sync::CancellationToken;
@@ -213,6 +214,10 @@ impl LeaseHistory {
                 let Some(Ok(entry)) = entry else {
                     return changes;
                 };
+                // The replicas' liveness keys share the bucket; only leases are recorded.
+                if !entry.key.starts_with("partition-") {
+                    continue;
+                }
                 let holder = serde_json::from_slice::<Value>(&entry.value)
                     .ok()
                     .and_then(|value| value["id"].as_str().map(str::to_string));
@@ -272,23 +277,51 @@ async fn send_sequentially(
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     for n in 0..count {
         tick.tick().await;
-        let mut body = text(conversation, &format!("{n}"));
-        body["clientMessageId"] = json!(format!("{conversation}-{n}"));
-        let response = http
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&body)
-            .send()
-            .await
-            .expect("send completes");
-        assert_eq!(response.status(), 202, "send {n} accepted");
-        let ack: Value = response.json().await.expect("json");
-        ids.push(
-            ack["messageId"]
-                .as_str()
-                .and_then(|id| Uuid::parse_str(id).ok())
-                .expect("messageId"),
-        );
+        ids.push(send_numbered(&http, &url, &token, conversation, n).await);
+    }
+    ids
+}
+
+/// Sends message `n` of `conversation` and returns its id once it is accepted.
+async fn send_numbered(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    conversation: Uuid,
+    n: usize,
+) -> Uuid {
+    let mut body = text(conversation, &format!("{n}"));
+    body["clientMessageId"] = json!(format!("{conversation}-{n}"));
+    let response = http
+        .post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("send completes");
+    assert_eq!(response.status(), 202, "send {n} accepted");
+    let ack: Value = response.json().await.expect("json");
+    ack["messageId"]
+        .as_str()
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .expect("messageId")
+}
+
+/// Sends to `conversation` one message after another, one every 20 ms, until `stop` (or at
+/// most `max`), and returns their ids in sending order.
+async fn send_until_stopped(
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    conversation: Uuid,
+    stop: CancellationToken,
+    max: usize,
+) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while ids.len() < max && !stop.is_cancelled() {
+        tick.tick().await;
+        ids.push(send_numbered(&http, &url, &token, conversation, ids.len()).await);
     }
     ids
 }
@@ -539,4 +572,220 @@ async fn a_process_configured_to_own_no_partition_says_so_and_is_not_ready() {
     let log = misconfigured.log();
     assert!(says_so(&log), "the start-up log says so loudly:\n{log}");
     misconfigured.stop();
+}
+
+/// Each partition's lease holder, as pids: `expected[p]` for every partition.
+async fn wait_for_lease_map(
+    leases: &kv::Store,
+    expected: &BTreeMap<u32, u32>,
+    within: Duration,
+) -> BTreeMap<u32, Option<u32>> {
+    let partitions = expected.len() as u32;
+    let deadline = Instant::now() + within;
+    loop {
+        let holders = lease_holders(leases, partitions).await;
+        let as_expected = expected
+            .iter()
+            .all(|(partition, pid)| holders[partition] == Some(*pid));
+        if as_expected || Instant::now() > deadline {
+            return holders;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (at most `within`) until a message of one of `partitions` accepted after `since` is
+/// in Postgres; returns how long that took from `started`, `None` if it never came.
+async fn wait_for_persisted_since(
+    system: &System,
+    partitions: &[u32],
+    since: chrono::DateTime<chrono::Utc>,
+    started: Instant,
+    within: Duration,
+) -> Option<Duration> {
+    let partitions: Vec<i32> = partitions.iter().map(|&p| p as i32).collect();
+    while started.elapsed() < within {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM messages WHERE stream_partition = ANY($1) AND accepted_at > $2",
+        )
+        .bind(&partitions)
+        .bind(since)
+        .fetch_one(&system.pool)
+        .await
+        .expect("count");
+        if count > 0 {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// One conversation on every partition, each with a sender that sends one message every
+/// 20 ms until the load is finished (and never more than `max`).
+struct SteadyLoad {
+    stop: CancellationToken,
+    conversations: Vec<Uuid>,
+    senders: Vec<tokio::task::JoinHandle<Vec<Uuid>>>,
+}
+
+impl SteadyLoad {
+    async fn start_on_every_partition(system: &System, max: usize) -> SteadyLoad {
+        let partitions = system.config.partitions;
+        let mut on: BTreeMap<u32, (String, Uuid)> = BTreeMap::new();
+        for attempt in 0..200 {
+            if on.len() == partitions as usize {
+                break;
+            }
+            let sender = format!("steady-{attempt}");
+            let conversation = system.conversation(&sender, "group", &["reader"]).await;
+            let partition = partition_of(&conversation.to_string(), partitions);
+            on.entry(partition).or_insert((sender, conversation));
+        }
+        assert_eq!(
+            on.len(),
+            partitions as usize,
+            "a conversation on every partition"
+        );
+        let stop = CancellationToken::new();
+        let mut load = SteadyLoad {
+            stop: stop.clone(),
+            conversations: Vec::new(),
+            senders: Vec::new(),
+        };
+        for (sender, conversation) in on.into_values() {
+            load.conversations.push(conversation);
+            load.senders.push(tokio::spawn(send_until_stopped(
+                system.http.clone(),
+                system.url("/v1/messages"),
+                system.token(&sender),
+                conversation,
+                stop.clone(),
+                max,
+            )));
+        }
+        load
+    }
+
+    /// Stops the senders; every sender's ids, in sending order.
+    async fn finish(self) -> Vec<(Uuid, Vec<Uuid>)> {
+        self.stop.cancel();
+        let mut sent = Vec::new();
+        for (conversation, sender) in self.conversations.into_iter().zip(self.senders) {
+            sent.push((conversation, sender.await.expect("sender")));
+        }
+        sent
+    }
+}
+
+/// Room on top of a computed bound for a machine busy with other tests.
+const SLACK: Duration = Duration::from_secs(2);
+
+/// `/readyz`'s `covering` list is `partitions`.
+fn covers(body: &Value, partitions: &[u32]) -> bool {
+    body["covering"] == json!(partitions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_covers_for_a_killed_replica_and_gives_its_share_back() {
+    // The default lease TTL, so that what is measured is the bound as shipped.
+    let mut system = System::start_with(|config| config.lease_ttl_secs = 10).await;
+    system.stop_consumers().await;
+    let leases = lease_bucket(&system).await;
+    let partitions = system.config.partitions;
+    let timing = Timing {
+        ttl: system.config.lease_ttl(),
+    };
+    assert_eq!(partitions, 4, "replica 1 of 2 owns partitions 1 and 3");
+    let history = LeaseHistory::record(&leases);
+
+    let zero = ConsumerProcess::start(&system, "replica-0", 0, 2);
+    let mut one = ConsumerProcess::start(&system, "replica-1", 1, 2);
+    let shares = |zero: u32, one: u32| BTreeMap::from([(0, zero), (1, one), (2, zero), (3, one)]);
+    let expected = shares(zero.pid(), one.pid());
+    let holders = wait_for_lease_map(&leases, &expected, Duration::from_secs(60)).await;
+    assert_eq!(
+        holders,
+        expected.iter().map(|(&p, &pid)| (p, Some(pid))).collect(),
+        "each replica holds its own share\nreplica 0:\n{}\nreplica 1:\n{}",
+        zero.log(),
+        one.log()
+    );
+
+    let load = SteadyLoad::start_on_every_partition(&system, 3000).await;
+    let (started, now) = (Instant::now(), chrono::Utc::now());
+    let within = Duration::from_secs(30);
+    let persisting = wait_for_persisted_since(&system, &[1, 3], now, started, within).await;
+    assert!(
+        persisting.is_some(),
+        "replica 1 persists its share\n{}",
+        one.log()
+    );
+
+    // Replica 1 dies without releasing anything; replica 0 takes its share over within the
+    // bound (with room for a loaded machine), and persists from where replica 1 stopped: the
+    // backlog that built up meanwhile, then what was accepted after the kill.
+    one.kill();
+    let (killed, killed_at) = (Instant::now(), chrono::Utc::now());
+    let bound = timing.takeover_bound();
+    let everything_zero = shares(zero.pid(), zero.pid());
+    let holders = wait_for_lease_map(&leases, &everything_zero, bound + SLACK).await;
+    let took_over = killed.elapsed();
+    assert!(
+        holders.values().all(|&pid| pid == Some(zero.pid())),
+        "replica 0 did not take replica 1's share within {:?}: {holders:?}\n{}",
+        bound + SLACK,
+        zero.log()
+    );
+    let within = bound + SLACK + Duration::from_secs(10);
+    let persisted = wait_for_persisted_since(&system, &[1, 3], killed_at, killed, within)
+        .await
+        .unwrap_or_else(|| panic!("nothing accepted after the kill persisted\n{}", zero.log()));
+    eprintln!(
+        "replica 0 took replica 1's share {took_over:?} after the kill and persisted what was \
+         sent after it {persisted:?} after it (lease TTL {:?}, bound {bound:?})",
+        timing.ttl
+    );
+    zero.wait_for_readyz(&system.http, "replica 0 covers 1 and 3", |status, body| {
+        status == 200 && covers(body, &[1, 3])
+    })
+    .await;
+
+    // Replica 1 comes back: its share is handed back to it, and it persists it again.
+    let one = ConsumerProcess::start(&system, "replica-1-again", 1, 2);
+    let restarted = Instant::now();
+    let expected = shares(zero.pid(), one.pid());
+    let holders = wait_for_lease_map(&leases, &expected, Duration::from_secs(60)).await;
+    let handed_back = restarted.elapsed();
+    assert_eq!(
+        holders,
+        expected.iter().map(|(&p, &pid)| (p, Some(pid))).collect(),
+        "replica 1 has its share back\nreplica 0:\n{}\nreplica 1:\n{}",
+        zero.log(),
+        one.log()
+    );
+    eprintln!("replica 1 had its share back {handed_back:?} after it was started again");
+    let (back, back_at) = (Instant::now(), chrono::Utc::now());
+    let persisting = wait_for_persisted_since(&system, &[1, 3], back_at, back, within).await;
+    assert!(
+        persisting.is_some(),
+        "replica 1 persists its share again\n{}",
+        one.log()
+    );
+    zero.wait_for_readyz(&system.http, "replica 0 covers nothing", |status, body| {
+        status == 200 && covers(body, &[])
+    })
+    .await;
+    let log = zero.log();
+    assert!(
+        log.contains("covering for a replica that is gone")
+            && log.contains("handing the partition back"),
+        "replica 0 says what it took over and gave back:\n{log}"
+    );
+
+    let sent = load.finish().await;
+    assert_stored_once_in_sending_order(&system, &sent).await;
+    zero.stop();
+    one.stop();
+    history.assert_one_holder_at_a_time(timing.ttl).await;
 }

@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::{SinkExt, StreamExt};
+use hotpath_core::domain::DlqSource;
 use hotpath_core::presence::{Presence, PresenceRecord};
 use hotpath_core::receipts::{Receipt, ReceiptState};
 use serde_json::{Value, json};
 use support::receipts::{self, Stamp};
 use support::ws::{
-    PATIENCE, QUIET, Socket, acknowledge, connect, next_frame, next_of, ping, send_frame,
-    state_change, state_changes, ws_url,
+    PATIENCE, QUIET, Socket, acknowledge, assert_quiet, connect, next_frame, next_of, ping,
+    send_frame, state_change, state_changes, ws_url,
 };
 use support::{System, text};
 use tokio::net::TcpSocket;
@@ -914,7 +915,7 @@ async fn receipts_move_the_senders_message_to_delivered_then_read_once() {
         receipts::row(&system.pool, message, "bob").await,
         (delivered_at, read_at, 1)
     );
-    ping(&mut alice).await;
+    assert_quiet(&mut alice).await;
 }
 
 /// Sends `content` as alice over HTTP and waits until she is told it is `sent` and every
@@ -1069,7 +1070,7 @@ async fn in_a_group_the_sender_is_told_the_first_delivered_and_the_first_read_on
         rows_before
     );
     assert!(
-        receipts::dead_letters(&js, Some("receipts"))
+        receipts::dead_letters(&js, Some(DlqSource::Receipts))
             .await
             .is_empty(),
         "a repeated receipt was dead-lettered"
@@ -1182,12 +1183,16 @@ async fn an_early_receipt_is_recorded_once_its_message_is_persisted_and_strays_a
     // Both strays end in the DLQ, once each, saying why: the phantom after MAX_DELIVER
     // deliveries, the stranger's at once.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while receipts::dead_letters(&js, Some("receipts")).await.len() < 2 && Instant::now() < deadline
+    while receipts::dead_letters(&js, Some(DlqSource::Receipts))
+        .await
+        .len()
+        < 2
+        && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     receipts::wait_until_settled(&js).await;
-    let letters = receipts::dead_letters(&js, Some("receipts")).await;
+    let letters = receipts::dead_letters(&js, Some(DlqSource::Receipts)).await;
     let summary: Vec<(Option<Receipt>, Option<String>, Option<String>)> = letters
         .iter()
         .map(|l| {
@@ -1440,6 +1445,18 @@ async fn a_second_sync_while_one_runs_is_refused_and_the_first_completes() {
     let conversation = system.conversation("alice", "group", &["bob"]).await;
     send_many(&system, "alice", conversation, 1, 210).await;
     assert_eq!(system.wait_for_messages(210, PATIENCE).await, 210);
+    // Fanout runs after persisting: once it has told (offline) bob of all 210, no live
+    // `message.new` can reach the socket he opens next and come between the sync's frames.
+    let told = Instant::now() + PATIENCE;
+    while support::metric_sum(
+        &system.metrics().await,
+        "delivery_fanout_attempted_total",
+        "recipient_status=\"offline\"",
+    ) < 210.0
+    {
+        assert!(Instant::now() < told, "fanout told bob of 210 messages");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut bob = connect(&system, &system.base, "bob").await;
 
     // Holding the messages table keeps the first sync running for as long as the test likes.

@@ -1,7 +1,7 @@
 //! Retention (ADR 0004): the backlog (`MESSAGES`, a work queue) and the replay window
 //! (`REPLAY`) are two streams with their own limits. A caught-up system never refuses a send
 //! however much it has carried; with the consumers stopped the gateway sheds load at the
-//! backlog bound, not before, and loses nothing; a replay stores nothing twice.
+//! backlog bound, not before, and loses nothing. (Replays of the window: `replay.rs`.)
 
 use hotpath_testkit as support;
 
@@ -320,86 +320,6 @@ async fn with_the_consumers_stopped_sends_are_refused_at_the_backlog_bound_and_n
     let mut all = accepted;
     all.insert(again);
     assert_each_stored_once(&system, &all).await;
-}
-
-/// Runs the real `hotpath replay …` command against the test's NATS.
-async fn hotpath_replay(system: &System, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_hotpath"))
-        .arg("replay")
-        .args(args)
-        .arg("--nats-url")
-        .arg(system.servers.nats.url())
-        .output()
-        .await
-        .expect("hotpath replay runs")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replaying_a_range_of_the_window_stores_nothing_twice() {
-    let system = System::start().await;
-    let conversation = system.conversation("alice", "group", &["bob"]).await;
-    let mut accepted = HashSet::new();
-    for n in 0..10 {
-        let (status, ack) = system
-            .send("alice", message(conversation, &format!("m-{n}"), 10))
-            .await;
-        assert_eq!(status, 202, "{ack}");
-        accepted.insert(message_id_of(&ack));
-    }
-    assert_each_stored_once(&system, &accepted).await;
-    let js = system.jetstream().await;
-    let deadline = Instant::now() + PATIENCE;
-    while stream_state(&js, names::REPLAY_STREAM).await.messages < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "the window holds the ten messages"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let metric = "delivery_persist_total";
-    let found_stored = |metrics: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(metric) && l.contains("idempotent_hit=\"true\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let before = found_stored(&system.metrics().await);
-
-    let output = hotpath_replay(&system, &["--from-seq", "3", "--limit", "5"]).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout.contains("replayed 5 messages of REPLAY (sequences 3 to 7)"),
-        "{stdout}"
-    );
-
-    // The five went through the consumers again and were found already stored.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let found = found_stored(&system.metrics().await) - before;
-        if found >= 5.0 {
-            assert_eq!(found, 5.0, "each replayed message is found stored once");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replayed messages reach the consumers ({found} so far)"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    wait_until_backlog_empty(&js).await;
-    assert_each_stored_once(&system, &accepted).await;
-
-    // Repeating the replay within the duplicate window stores nothing in MESSAGES at all.
-    let output = hotpath_replay(&system, &["--from-seq", "3", "--limit", "5"]).await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("5 of them were repeats"), "{stdout}");
 }
 
 /// The stream and consumer definitions of a Hotpath before ADR 0004, as it shipped them.

@@ -2,7 +2,6 @@
 //! send, see `sent`; Ctrl-C; start again and find the history; `kill -9`; start again and
 //! carry on without manual cleanup.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,17 +33,7 @@ impl Up {
             .stderr(log_file(data_dir))
             .spawn()
             .expect("hotpath up starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("Hotpath is up") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(60))
-            .expect("hotpath up prints its banner within 60 s");
+        hotpath_testkit::await_up_banner(&mut child, Duration::from_secs(60));
         Up {
             child,
             base: format!("http://127.0.0.1:{port}"),
@@ -93,20 +82,7 @@ fn log_file(data_dir: &Path) -> std::fs::File {
 }
 
 fn token(data_dir: &Path, user: &str) -> String {
-    let output = Command::new(BIN)
-        .args(["token", user, "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .expect("hotpath token");
-    assert!(
-        output.status.success(),
-        "hotpath token: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .expect("utf8")
-        .trim()
-        .to_string()
+    hotpath_testkit::hotpath_token(BIN, data_dir, user)
 }
 
 fn free_port() -> u16 {

@@ -10,103 +10,106 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, Message, message::PublishMessage};
+use hotpath_core::domain::DlqSource;
 use hotpath_core::names::{dlq_headers, dlq_subject};
-use opentelemetry::KeyValue;
+use hotpath_core::telemetry::meter;
 
-use crate::metrics::DeliveryMetrics;
+use crate::metrics::LabelledCounter;
 
-pub struct DeadLetter<'a> {
-    /// The stream it came from (`MESSAGES`, `RECEIPTS`).
-    pub source_stream: &'a str,
-    /// The DLQ subject's last token: `dlq.<source>` (`messages`, `receipts`).
-    pub source: &'a str,
-    pub payload: &'a [u8],
-    pub subject: &'a str,
-    pub stream_seq: u64,
-    pub deliveries: i64,
-    pub reason: &'a str,
+/// One source's way into the DLQ: a worker of the `MESSAGES`, `RECEIPTS` or `PUSH` stream
+/// holds one and moves there what it can never process.
+#[derive(Clone)]
+pub struct DeadLetterQueue {
+    js: jetstream::Context,
+    /// Where the messages come from: the DLQ subject is `dlq.<source>`.
+    source: DlqSource,
+    /// `delivery_dlq_total{source}`.
+    moved: LabelledCounter,
 }
 
-impl<'a> DeadLetter<'a> {
-    /// The letter for a message fetched from `source_stream` (DLQ subject `dlq.<source>`).
-    pub fn of(
-        message: &'a Message,
-        source_stream: &'a str,
-        source: &'a str,
+/// Where one message sat in its source and why it goes to the DLQ.
+struct DeadLetter<'a> {
+    payload: &'a [u8],
+    subject: &'a str,
+    stream_seq: u64,
+    deliveries: i64,
+    reason: &'a str,
+}
+
+impl DeadLetterQueue {
+    pub fn new(js: jetstream::Context, source: DlqSource) -> DeadLetterQueue {
+        let moved = LabelledCounter::new(
+            &meter(),
+            "delivery_dlq_total",
+            "source",
+            "Messages moved to the DLQ stream, by reason",
+        );
+        moved.declare(&[source.as_str()]);
+        DeadLetterQueue { js, source, moved }
+    }
+
+    /// Moves a fetched `message` (at `stream_seq`, delivered `deliveries` times) to the DLQ:
+    /// publishes the letter, then term-acks the original so it is never delivered again, and
+    /// counts it in `delivery_dlq_total{source}`. If the DLQ cannot take it, the message is
+    /// nak'ed for another try in a second. Returns whether it moved.
+    pub async fn move_message(
+        &self,
+        message: &Message,
         stream_seq: u64,
         deliveries: i64,
-        reason: &'a str,
-    ) -> DeadLetter<'a> {
-        DeadLetter {
-            source_stream,
-            source,
+        reason: &str,
+    ) -> bool {
+        let letter = DeadLetter {
             payload: &message.payload,
             subject: message.subject.as_str(),
             stream_seq,
             deliveries,
             reason,
+        };
+        let source = self.source.as_str();
+        match self.publish(letter).await {
+            Ok(()) => {
+                tracing::warn!(source, stream_seq, deliveries, reason, "moved to DLQ");
+                self.moved.add(source, 1);
+                let _ = message.ack_with(AckKind::Term).await;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(source, stream_seq, %error, "DLQ publish failed; will retry");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                false
+            }
         }
     }
-}
 
-/// Publishes to `dlq.<source>` and waits for JetStream to store it.
-pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> anyhow::Result<()> {
-    let mut headers = HeaderMap::new();
-    // Header values must be one line.
-    headers.insert(
-        dlq_headers::REASON,
-        letter.reason.replace(['\r', '\n'], " ").as_str(),
-    );
-    headers.insert(dlq_headers::SOURCE_STREAM, letter.source_stream);
-    headers.insert(dlq_headers::SOURCE_SUBJECT, letter.subject);
-    headers.insert(
-        dlq_headers::SOURCE_SEQUENCE,
-        letter.stream_seq.to_string().as_str(),
-    );
-    headers.insert(
-        dlq_headers::DELIVERIES,
-        letter.deliveries.to_string().as_str(),
-    );
-    let message = PublishMessage::build()
-        .payload(letter.payload.to_vec().into())
-        .headers(headers)
-        .message_id(format!("{}:{}", letter.source_stream, letter.stream_seq));
-    js.send_publish(dlq_subject(letter.source), message)
-        .await?
-        .await?;
-    Ok(())
-}
-
-/// Moves a fetched `message` to the DLQ: publishes the letter, then term-acks the original so
-/// it is never delivered again, and counts it in `delivery_dlq_total{source}`. If the DLQ
-/// cannot take it, the message is nak'ed for another try in a second. Returns whether it moved.
-pub async fn move_message(
-    js: &jetstream::Context,
-    metrics: &DeliveryMetrics,
-    message: &Message,
-    letter: DeadLetter<'_>,
-) -> bool {
-    let (source, stream_seq, deliveries, reason) = (
-        letter.source,
-        letter.stream_seq,
-        letter.deliveries,
-        letter.reason.to_string(),
-    );
-    match publish(js, letter).await {
-        Ok(()) => {
-            tracing::warn!(source, stream_seq, deliveries, reason, "moved to DLQ");
-            metrics
-                .dlq_total
-                .add(1, &[KeyValue::new("source", source.to_string())]);
-            let _ = message.ack_with(AckKind::Term).await;
-            true
-        }
-        Err(error) => {
-            tracing::warn!(source, stream_seq, %error, "DLQ publish failed; will retry");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            false
-        }
+    /// Publishes to `dlq.<source>` and waits for JetStream to store it.
+    async fn publish(&self, letter: DeadLetter<'_>) -> anyhow::Result<()> {
+        let mut headers = HeaderMap::new();
+        // Header values must be one line.
+        headers.insert(
+            dlq_headers::REASON,
+            letter.reason.replace(['\r', '\n'], " ").as_str(),
+        );
+        headers.insert(dlq_headers::SOURCE_STREAM, self.source.stream());
+        headers.insert(dlq_headers::SOURCE_SUBJECT, letter.subject);
+        headers.insert(
+            dlq_headers::SOURCE_SEQUENCE,
+            letter.stream_seq.to_string().as_str(),
+        );
+        headers.insert(
+            dlq_headers::DELIVERIES,
+            letter.deliveries.to_string().as_str(),
+        );
+        let message = PublishMessage::build()
+            .payload(letter.payload.to_vec().into())
+            .headers(headers)
+            .message_id(format!("{}:{}", self.source.stream(), letter.stream_seq));
+        self.js
+            .send_publish(dlq_subject(self.source), message)
+            .await?
+            .await?;
+        Ok(())
     }
 }

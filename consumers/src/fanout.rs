@@ -2,11 +2,11 @@
 //!
 //! For every newly stored message (never a duplicate: a replay is told nothing twice), each
 //! recipient gets `message.new` and the sender gets `message.state.changed` (`sent`, with the
-//! seq), published on NATS core to `deliver.user.<id>`, where the socket nodes holding the
-//! user's WebSockets listen. For every newly recorded rejection (a key reused for a different
-//! request after the stream's window, see [`crate::persist`]) only the sender is told:
-//! `message.state.changed` with `rejected` and the reason; the status route says the same,
-//! durably, for a sender who was not connected.
+//! seq), published on NATS core to `deliver.user.<id>` ([`crate::frames`]), where the socket
+//! nodes holding the user's WebSockets listen. For every newly recorded rejection (a key
+//! reused for a different request after the stream's window, see [`crate::persist`]) only the
+//! sender is told: `message.state.changed` with `rejected` and the reason; the status route
+//! says the same, durably, for a sender who was not connected.
 //!
 //! Live delivery is best effort by design; what makes it complete is catch-up: a client that
 //! (re)connects subscribes first and then asks for everything after its last seq (`sync`), so
@@ -15,61 +15,74 @@
 //!   (so one partition's messages go out in seq order), fed through a bounded queue: when NATS
 //!   is slow the queue fills and fanout of further batches is dropped and counted, never
 //!   holding up persistence or acks;
-//! * presence (`hotpath_core::presence`, cached for a second) decides whether a recipient is
+//! * presence ([`crate::presence`], cached for a second) decides whether a recipient is
 //!   counted online, with how many sockets, or offline (their devices were already given a
 //!   push task before the batch was acknowledged, see [`crate::push::schedule`]). Offline
 //!   recipients are still published to: presence may be up to a cache period behind a device
 //!   that just connected, and a publish nobody listens to costs NATS next to nothing.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use hotpath_core::domain::PipelineStep;
 use hotpath_core::envelope::Envelope;
 use hotpath_core::events::{DeliveredMessage, Event, MessageState};
-use hotpath_core::names::deliver_subject;
-use hotpath_core::presence::Presence;
 use hotpath_core::rejection::Rejection;
-use moka::future::Cache;
-use tokio::sync::{OnceCell, mpsc};
+use hotpath_core::telemetry::meter;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Counter;
+use tokio::sync::mpsc;
+use tracing::{Instrument as _, Span};
 
-use crate::metrics::DeliveryMetrics;
+use crate::frames::FramePublisher;
+use crate::metrics::{LabelledCounter, StepMetrics};
 use crate::persist;
+use crate::presence::{PresenceLookup, Sockets};
+use crate::trace;
 
 /// Batches waiting for fanout per partition before further ones are dropped.
 const QUEUE: usize = 64;
-/// How long a presence answer is reused.
-const PRESENCE_CACHE_TTL: Duration = Duration::from_secs(1);
-/// Presence lookups in flight at once for one message's recipients.
-const LOOKUP_CONCURRENCY: usize = 32;
-/// Longest wait to hand one publish to the NATS client (it only waits when the client's own
-/// buffer is full, i.e. NATS is unreachable).
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What a settled batch tells connected users about one of its messages.
+/// What a settled batch tells connected users about one of its messages, in the span of
+/// telling it ([`crate::trace::fanout_span`]).
 pub enum Told {
     /// Newly stored with this seq: `message.new` to the recipients, `sent` to the sender.
-    Persisted { envelope: Envelope, seq: i64 },
+    Persisted {
+        envelope: Envelope,
+        seq: i64,
+        span: Span,
+    },
     /// Refused for good, its rejection newly recorded: `rejected` to the sender.
     Rejected {
         envelope: Envelope,
         reason: Rejection,
+        span: Span,
     },
 }
 
 /// What to tell of a settled batch, in stream (= seq) order: the newly stored messages and
-/// the newly recorded rejections (`envelope_of` finds a row's envelope by its batch index).
+/// the newly recorded rejections (`item_of` finds a row's envelope and `persist` span by its
+/// batch index).
 pub fn told<'a>(
     outcome: &persist::Outcome,
-    envelope_of: impl Fn(usize) -> &'a Envelope,
+    item_of: impl Fn(usize) -> (&'a Envelope, &'a Span),
 ) -> Vec<Told> {
     let mut told: Vec<(usize, Told)> = outcome
         .inserted
         .iter()
         .map(|(&index, &seq)| {
-            let envelope = envelope_of(index).clone();
-            (index, Told::Persisted { envelope, seq })
+            let (envelope, persist) = item_of(index);
+            let span = trace::fanout_span(persist, envelope.message_id);
+            let envelope = envelope.clone();
+            (
+                index,
+                Told::Persisted {
+                    envelope,
+                    seq,
+                    span,
+                },
+            )
         })
         .chain(
             outcome
@@ -77,9 +90,18 @@ pub fn told<'a>(
                 .iter()
                 .filter(|conflict| conflict.recorded_now)
                 .map(|conflict| {
-                    let envelope = envelope_of(conflict.index).clone();
+                    let (envelope, persist) = item_of(conflict.index);
+                    let span = trace::fanout_span(persist, envelope.message_id);
+                    let envelope = envelope.clone();
                     let reason = conflict.rejection();
-                    (conflict.index, Told::Rejected { envelope, reason })
+                    (
+                        conflict.index,
+                        Told::Rejected {
+                            envelope,
+                            reason,
+                            span,
+                        },
+                    )
                 }),
         )
         .collect();
@@ -92,7 +114,7 @@ pub fn told<'a>(
 pub struct FanoutQueue {
     partition: u32,
     batches: mpsc::Sender<Vec<Told>>,
-    metrics: DeliveryMetrics,
+    metrics: FanoutMetrics,
 }
 
 impl FanoutQueue {
@@ -110,76 +132,51 @@ impl FanoutQueue {
                 dropped,
                 "fanout is behind; these messages are left to catch-up"
             );
-            self.metrics.fanout_failed("backlog", dropped as u64);
+            self.metrics.failed.add("backlog", dropped as u64);
         }
-    }
-}
-
-/// Who is online, from the `PRESENCE` bucket, with answers kept for a second. Shared by all
-/// partitions of a process.
-#[derive(Clone)]
-pub struct PresenceLookup {
-    js: async_nats::jetstream::Context,
-    ttl: Duration,
-    bucket: Arc<OnceCell<Presence>>,
-    cache: Cache<String, u32>,
-}
-
-impl PresenceLookup {
-    pub fn new(js: async_nats::jetstream::Context, ttl: Duration) -> PresenceLookup {
-        PresenceLookup {
-            js,
-            ttl,
-            bucket: Arc::new(OnceCell::new()),
-            cache: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(PRESENCE_CACHE_TTL)
-                .build(),
-        }
-    }
-
-    /// The user's open sockets on live nodes (0: offline). Concurrent lookups of one user
-    /// share one read.
-    pub(crate) async fn sockets(&self, user_id: &str) -> Result<u32, Arc<anyhow::Error>> {
-        self.cache
-            .try_get_with_by_ref(user_id, async {
-                // Opened on first use: the consumers persist whether or not presence works.
-                let bucket = self
-                    .bucket
-                    .get_or_try_init(|| Presence::open(&self.js, self.ttl))
-                    .await?;
-                bucket.live_sockets(user_id).await
-            })
-            .await
     }
 }
 
 /// Starts the fanout task of `partition`; it ends when the returned queue is dropped.
-pub fn spawn(
+pub(crate) fn spawn(
     partition: u32,
-    nats: async_nats::Client,
+    frames: FramePublisher,
     presence: PresenceLookup,
-    metrics: DeliveryMetrics,
+    metrics: FanoutMetrics,
+    steps: StepMetrics,
 ) -> FanoutQueue {
     let (batches, mut receiver) = mpsc::channel::<Vec<Told>>(QUEUE);
     let fanout = Fanout {
         partition,
-        nats,
+        frames,
         presence,
         metrics: metrics.clone(),
     };
     tokio::spawn(async move {
         while let Some(batch) = receiver.recv().await {
             let started = Instant::now();
+            let presence = fanout.presence_of(&batch).await;
             for item in &batch {
                 match item {
-                    Told::Persisted { envelope, seq } => fanout.message(envelope, *seq).await,
-                    Told::Rejected { envelope, reason } => fanout.rejected(envelope, reason).await,
+                    Told::Persisted {
+                        envelope,
+                        seq,
+                        span,
+                    } => {
+                        let told = fanout.message(envelope, *seq, &presence, span);
+                        told.instrument(span.clone()).await
+                    }
+                    Told::Rejected {
+                        envelope,
+                        reason,
+                        span,
+                    } => {
+                        let told = fanout.rejected(envelope, reason, span);
+                        told.instrument(span.clone()).await
+                    }
                 }
             }
-            fanout
-                .metrics
-                .step("fanout", started.elapsed().as_secs_f64() * 1000.0);
+            steps.since(PipelineStep::Fanout, started);
         }
     });
     FanoutQueue {
@@ -191,13 +188,37 @@ pub fn spawn(
 
 struct Fanout {
     partition: u32,
-    nats: async_nats::Client,
+    frames: FramePublisher,
     presence: PresenceLookup,
-    metrics: DeliveryMetrics,
+    metrics: FanoutMetrics,
 }
 
 impl Fanout {
-    async fn message(&self, envelope: &Envelope, seq: i64) {
+    /// The presence of every recipient of the batch's stored messages, each looked up once:
+    /// a batch of a busy group asks once per member, not once per member per message.
+    async fn presence_of(&self, batch: &[Told]) -> HashMap<String, Sockets> {
+        let recipients: HashSet<&str> = batch
+            .iter()
+            .filter_map(|told| match told {
+                Told::Persisted { envelope, .. } => Some(envelope),
+                Told::Rejected { .. } => None,
+            })
+            .flat_map(|envelope| envelope.recipient_ids.iter().map(String::as_str))
+            .collect();
+        self.presence
+            .sockets_of(recipients.into_iter().map(str::to_owned))
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn message(
+        &self,
+        envelope: &Envelope,
+        seq: i64,
+        presence: &HashMap<String, Sockets>,
+        span: &Span,
+    ) {
         let new = Bytes::from(
             Event::MessageNew {
                 message: DeliveredMessage {
@@ -213,25 +234,12 @@ impl Fanout {
             }
             .to_json(),
         );
-        // Owned values in the lookups keep the future `Send` for the spawned task.
-        let presence: Vec<(String, Result<u32, Arc<anyhow::Error>>)> =
-            futures::stream::iter(envelope.recipient_ids.clone())
-                .map(|recipient| {
-                    let lookup = self.presence.clone();
-                    async move {
-                        let sockets = lookup.sockets(&recipient).await;
-                        (recipient, sockets)
-                    }
-                })
-                .buffered(LOOKUP_CONCURRENCY)
-                .collect()
-                .await;
-        for (recipient, sockets) in presence {
+        for recipient in &envelope.recipient_ids {
             let recipient = recipient.as_str();
-            let published = self.publish(recipient, new.clone()).await;
-            match sockets {
-                Ok(0) => {
-                    self.metrics.fanout_attempted("offline");
+            let published = self.frames.publish(recipient, new.clone(), span).await;
+            match presence.get(recipient) {
+                Some(Ok(0)) => {
+                    self.metrics.attempted.add("offline", 1);
                     if published {
                         tracing::debug!(
                             partition = self.partition,
@@ -241,21 +249,23 @@ impl Fanout {
                         );
                     }
                 }
-                Ok(sockets) => {
-                    self.metrics.fanout_attempted("online");
+                Some(Ok(sockets)) => {
+                    self.metrics.attempted.add("online", 1);
                     if published {
-                        self.metrics.fanout_delivered(sockets);
+                        self.metrics.delivered(*sockets);
                     }
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     tracing::warn!(
                         partition = self.partition,
                         recipient,
                         error = format!("{error:#}"),
                         "presence lookup failed; published anyway"
                     );
-                    self.metrics.fanout_failed("presence_unavailable", 1);
+                    self.metrics.failed.add("presence_unavailable", 1);
                 }
+                // Every recipient of the batch was looked up.
+                None => {}
             }
         }
 
@@ -266,12 +276,13 @@ impl Fanout {
             seq: Some(seq),
             reason: None,
         };
-        self.publish(&envelope.sender_id, Bytes::from(state.to_json()))
+        self.frames
+            .publish(&envelope.sender_id, Bytes::from(state.to_json()), span)
             .await;
     }
 
     /// Tells the sender that a message it was told was accepted will never be stored.
-    async fn rejected(&self, envelope: &Envelope, reason: &Rejection) {
+    async fn rejected(&self, envelope: &Envelope, reason: &Rejection, span: &Span) {
         let state = Event::StateChanged {
             message_id: envelope.message_id,
             conversation_id: envelope.conversation_id,
@@ -279,29 +290,66 @@ impl Fanout {
             seq: None,
             reason: Some(reason.reason()),
         };
-        self.publish(&envelope.sender_id, Bytes::from(state.to_json()))
+        self.frames
+            .publish(&envelope.sender_id, Bytes::from(state.to_json()), span)
             .await;
     }
+}
 
-    /// Publishes a frame to the user's subject; false (and counted) if NATS would not take it.
-    async fn publish(&self, user_id: &str, frame: Bytes) -> bool {
-        let subject = deliver_subject(user_id);
-        match tokio::time::timeout(PUBLISH_TIMEOUT, self.nats.publish(subject, frame)).await {
-            Ok(Ok(())) => true,
-            Ok(Err(error)) => {
-                tracing::warn!(partition = self.partition, user_id, %error, "fanout publish failed");
-                self.metrics.fanout_failed("publish_error", 1);
-                false
-            }
-            Err(_) => {
-                tracing::warn!(
-                    partition = self.partition,
-                    user_id,
-                    "fanout publish timed out"
-                );
-                self.metrics.fanout_failed("publish_timeout", 1);
-                false
-            }
-        }
+/// Every `reason` of `delivery_fanout_failed_total`, exported at 0 from the start.
+const FANOUT_FAILURES: [&str; 4] = [
+    "backlog",
+    "presence_unavailable",
+    "publish_error",
+    "publish_timeout",
+];
+
+/// Fanout's metrics: `delivery_fanout_attempted_total{recipient_status}`,
+/// `delivery_fanout_delivered_total{socket_count}` and `delivery_fanout_failed_total{reason}`
+/// (which [`FramePublisher`] also counts in).
+#[derive(Clone)]
+pub(crate) struct FanoutMetrics {
+    /// `recipient_status`: `online` or `offline`, as presence said.
+    attempted: LabelledCounter,
+    delivered_total: Counter<u64>,
+    pub failed: LabelledCounter,
+}
+
+impl FanoutMetrics {
+    pub fn new() -> FanoutMetrics {
+        let meter = meter();
+        let metrics = FanoutMetrics {
+            attempted: LabelledCounter::new(
+                &meter,
+                "delivery_fanout_attempted_total",
+                "recipient_status",
+                "Recipients a persisted message was fanned out to, by presence",
+            ),
+            delivered_total: meter
+                .u64_counter("delivery_fanout_delivered_total")
+                .with_description(
+                    "Online recipients a message was published to, by their open socket count",
+                )
+                .build(),
+            failed: LabelledCounter::new(
+                &meter,
+                "delivery_fanout_failed_total",
+                "reason",
+                "Fanout steps that failed, by reason",
+            ),
+        };
+        metrics.failed.declare(&FANOUT_FAILURES);
+        metrics
+    }
+
+    /// `socket_count`: 1 to 9, then `10+` (bounded label values).
+    fn delivered(&self, sockets: u32) {
+        let socket_count = if sockets >= 10 {
+            "10+".to_string()
+        } else {
+            sockets.to_string()
+        };
+        self.delivered_total
+            .add(1, &[KeyValue::new("socket_count", socket_count)]);
     }
 }

@@ -1,6 +1,7 @@
 //! Pulling from a durable consumer without waiting on a full batch: take whatever is waiting
 //! at once, and only when nothing is, long-poll for the next message (and whatever arrived
-//! with it). Shared by the partition workers and the push workers.
+//! with it). The one way the consumers pull: the partition workers, the receipts worker and
+//! the push workers all fetch through [`next_batch`].
 
 use std::time::Duration;
 

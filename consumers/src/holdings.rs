@@ -13,6 +13,10 @@
 //!
 //! A standby is ready on purpose: standing by is its job, and a StatefulSet rollout that waits
 //! for readiness must not stall on it. Which partitions it waits for is in the body.
+//!
+//! Partitions of other replicas' shares that this process holds while covering for a replica
+//! that is gone ([`crate::failover`]) count as held, and are listed again under `covering`;
+//! they never make a process ready or unready, which is about its own share.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -57,6 +61,13 @@ impl Board {
         self.with_state(|state| matches!(state, PartitionState::Standby(_)))
     }
 
+    /// Held partitions of other replicas' shares.
+    fn covering(&self) -> Vec<u32> {
+        let mut held = self.held();
+        held.retain(|partition| !self.configured.contains(partition));
+        held
+    }
+
     fn with_state(&self, wanted: impl Fn(&PartitionState) -> bool) -> Vec<u32> {
         self.states
             .iter()
@@ -72,11 +83,12 @@ impl Board {
 
     fn readiness(&self) -> Readiness {
         let (held, standby) = (self.held(), self.standby());
+        let holds_own = held.iter().any(|p| self.configured.contains(p));
         let (ready, status) = if self.problem.is_some() {
             (false, "owns_nothing")
         } else if !self.all_known() {
             (false, "acquiring")
-        } else if !held.is_empty() {
+        } else if holds_own {
             (true, "holding")
         } else {
             (true, "standby")
@@ -86,6 +98,7 @@ impl Board {
             "configured": self.configured,
             "held": held,
             "standby": standby,
+            "covering": self.covering(),
         });
         if let Some(problem) = &self.problem {
             body["reason"] = json!(problem);
@@ -224,6 +237,10 @@ mod tests {
             (board(vec![0, 2], None, &[0], &[]), false, "acquiring"),
             (board(vec![0, 2], None, &[0], &[2]), true, "holding"),
             (board(vec![0, 2], None, &[], &[0, 2]), true, "standby"),
+            // Covering for another replica changes nothing about its own share's readiness.
+            (board(vec![0, 2], None, &[1], &[0]), false, "acquiring"),
+            (board(vec![0, 2], None, &[1, 3], &[0, 2]), true, "standby"),
+            (board(vec![0, 2], None, &[0, 1, 2, 3], &[]), true, "holding"),
         ];
         for (board, ready, status) in cases {
             let readiness = board.readiness();
@@ -232,5 +249,8 @@ mod tests {
         }
         let misconfigured = board(vec![], Some("replica 2 of 2"), &[], &[]).readiness();
         assert_eq!(misconfigured.body["reason"], "replica 2 of 2");
+        let covering = board(vec![0, 2], None, &[0, 1, 2, 3], &[]).readiness();
+        assert_eq!(covering.body["held"], serde_json::json!([0, 1, 2, 3]));
+        assert_eq!(covering.body["covering"], serde_json::json!([1, 3]));
     }
 }

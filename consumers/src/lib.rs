@@ -2,48 +2,73 @@
 //! Postgres, in order and exactly once, and then tells connected users.
 //!
 //! [`run`] contends for the partitions this replica is configured for (all of them by default;
-//! replica k of n owns p where p mod n == k): for each it holds a [`lease`], it runs one
-//! [`partition::PartitionWorker`]; for each another process holds, it stands by
-//! ([`holdings`] says which is which, for readiness). It also reports consumer lag.
+//! replica k of n owns p where p mod n == k), and covers the other replicas' shares while
+//! they are gone ([`failover`], with [`liveness`] keys saying which replicas run): for each
+//! partition whose [`lease`] it holds, it runs one [`partition::PartitionWorker`]; for each of
+//! its own that another process holds, it stands by ([`holdings`] says which is which, for
+//! readiness). It also reports consumer lag ([`lag`]).
 //! [`persist`] holds the single-statement batch insert that makes replays harmless;
-//! [`replay_window`] copies what was persisted into `REPLAY` before it leaves the backlog;
+//! [`replay_window`] copies what was persisted into `REPLAY` before it leaves the backlog,
+//! and [`restore`] puts it back into Postgres with its seq (`hotpath replay`, and the
+//! [`replay_intake`] where the `nats` CLI replays to);
 //! [`fanout`] publishes what was persisted to the recipients' socket nodes. Beside them runs
 //! one [`receipts::ReceiptsWorker`] on the shared `receipts` consumer, recording delivered/read
 //! receipts and telling senders.
 
+// Small functions read as their steps (see clippy.toml).
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
+mod backoff;
 mod dlq;
+pub mod failover;
 pub mod fanout;
 mod fetch;
+mod frames;
 pub mod holdings;
+mod lag;
 pub mod lease;
+pub mod liveness;
 mod metrics;
 pub mod partition;
 pub mod persist;
+mod presence;
 pub mod push;
 pub mod receipts;
+pub mod replay_intake;
 pub mod replay_window;
+pub mod restore;
+mod store;
+mod trace;
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use hotpath_core::config::Config;
-use hotpath_core::names::{self, MESSAGES_STREAM};
+use hotpath_core::domain::DlqSource;
 use hotpath_core::streams::{ensure_delivery_consumer, ensure_receipts_consumer};
-use opentelemetry::KeyValue;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use backoff::Backoff;
+use dlq::DeadLetterQueue;
+use failover::Assignment;
+use fanout::FanoutMetrics;
+use frames::FramePublisher;
 pub use holdings::Holdings;
 use lease::{Fence, Holder, Leases};
-pub use metrics::DeliveryMetrics;
-use partition::PartitionWorker;
+use metrics::StepMetrics;
+use partition::{PartitionWorker, PipelineMetrics};
+use persist::PersistMetrics;
+use presence::PresenceLookup;
+use push::schedule::PushScheduler;
+use replay_window::ReplayWindow;
 
-/// Runs the delivery workers and the receipts worker until `shutdown` is cancelled and every worker has settled or
-/// handed back its batch (and released its partition's lease). `holdings` (made with
-/// [`Holdings::for_config`] from the same `config`) is kept up to date with what this process
-/// holds.
+/// Runs the delivery workers and the receipts worker until `shutdown` is cancelled and every
+/// worker has settled or handed back its batch (and released its partition's lease).
+/// `holdings` (made with [`Holdings::for_config`] from the same `config`) is kept up to date
+/// with what this process holds.
 pub async fn run(
     config: &Config,
     nats: async_nats::Client,
@@ -52,20 +77,55 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats.clone());
-    let metrics = DeliveryMetrics::new();
-    let presence = fanout::PresenceLookup::new(js.clone(), config.presence_ttl());
-    let push = push::schedule::PushScheduler::new(
+    let config = Arc::new(config.clone());
+    let fanout_metrics = FanoutMetrics::new();
+    let frames = FramePublisher::new(nats.clone(), fanout_metrics.clone());
+    let mut workers = JoinSet::new();
+    workers.spawn(replay_intake::run(
+        nats,
         pool.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
+    workers.spawn(run_receipts(
         js.clone(),
-        presence.clone(),
-        metrics.clone(),
-    );
-    {
-        let (push, shutdown) = (push.clone(), shutdown.clone());
-        tokio::spawn(async move { push.listen_for_device_changes(shutdown).await });
-    }
-    let replay = replay_window::ReplayWindow::new(js.clone(), metrics.clone());
+        pool.clone(),
+        config.clone(),
+        frames.clone(),
+        shutdown.clone(),
+    ));
     let partitions = config.owned_partitions();
+    warn_if_owns_nothing(&config);
+    if let Some(assignment) = Assignment::of(&config) {
+        let Some(leases) = leases_with_retry(&js, &config, assignment, &shutdown).await else {
+            return drain(workers).await;
+        };
+        if assignment.has_peers() {
+            workers.spawn(leases.clone().announce_liveness(shutdown.clone()));
+        }
+        let shared = Shared::new(js.clone(), pool, config, frames, fanout_metrics, &shutdown);
+        for (partition, share) in assignment.contended() {
+            let work = shared.partition(partition);
+            workers.spawn(lease::keep(
+                partition,
+                share,
+                leases.clone(),
+                holdings.clone(),
+                shutdown.clone(),
+                move |fence| work.clone().run(fence),
+            ));
+        }
+    }
+    tracing::info!(partitions = ?partitions, "delivery and receipts consumers running");
+
+    let lag = tokio::spawn(lag::report(js, partitions, shutdown.clone()));
+    let drained = drain(workers).await;
+    lag.abort();
+    drained
+}
+
+/// A process that owns no partition persists nothing: say so loudly, with what to fix.
+fn warn_if_owns_nothing(config: &Config) {
     if let Some(problem) = config.owns_nothing_because() {
         tracing::error!(
             replica = config.consumer_replica,
@@ -76,65 +136,29 @@ pub async fn run(
              (only receipts are recorded); fix HOTPATH_CONSUMER_REPLICA / _REPLICAS"
         );
     }
-    let shared_config = std::sync::Arc::new(config.clone());
-    let mut workers = JoinSet::new();
-    {
-        let (js, nats, pool, config, metrics, shutdown) = (
-            js.clone(),
-            nats.clone(),
-            pool.clone(),
-            shared_config.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        );
-        workers.spawn(async move {
-            let setup = || ensure_receipts_consumer(&js, &config);
-            let Some(consumer) = retry("the receipts consumer", &shutdown, setup).await else {
-                return;
-            };
-            let worker = receipts::ReceiptsWorker {
-                consumer,
-                pool,
-                js,
-                nats,
-                metrics,
-                max_deliver: config.poison_max_deliver.max(1),
-                max_retry_delay: (config.ack_wait() / 3)
-                    .clamp(Duration::from_millis(100), Duration::from_secs(5)),
-            };
-            worker.run(shutdown).await;
-        });
-    }
-    if !partitions.is_empty() {
-        let Some(leases) = leases_with_retry(&js, config, &shutdown).await else {
-            return drain(workers).await;
-        };
-        for &partition in &partitions {
-            let worker = PartitionWork {
-                partition,
-                js: js.clone(),
-                pool: pool.clone(),
-                config: shared_config.clone(),
-                metrics: metrics.clone(),
-                fanout: fanout::spawn(partition, nats.clone(), presence.clone(), metrics.clone()),
-                push: push.clone(),
-                replay: replay.clone(),
-            };
-            workers.spawn(lease::keep(
-                partition,
-                leases.clone(),
-                holdings.clone(),
-                shutdown.clone(),
-                move |fence| worker.clone().run(fence),
-            ));
-        }
-    }
-    tracing::info!(partitions = ?partitions, "delivery and receipts consumers running");
+}
 
-    let lag = tokio::spawn(report_lag(js, partitions, metrics, shutdown.clone()));
-    let drained = drain(workers).await;
-    lag.abort();
-    drained
+/// Sets up the shared `receipts` consumer and records receipts until `shutdown`.
+async fn run_receipts(
+    js: jetstream::Context,
+    pool: PgPool,
+    config: Arc<Config>,
+    frames: FramePublisher,
+    shutdown: CancellationToken,
+) {
+    let setup = || ensure_receipts_consumer(&js, &config);
+    let Some(consumer) = retry("the receipts consumer", &shutdown, setup).await else {
+        return;
+    };
+    let worker = receipts::ReceiptsWorker {
+        consumer,
+        pool,
+        dlq: DeadLetterQueue::new(js, DlqSource::Receipts),
+        frames,
+        max_deliver: config.poison_deliveries(),
+        max_retry_delay: config.max_retry_delay(),
+    };
+    worker.run(shutdown).await;
 }
 
 /// Waits for every worker to stop.
@@ -149,6 +173,7 @@ async fn drain(mut workers: JoinSet<()>) -> anyhow::Result<()> {
 async fn leases_with_retry(
     js: &jetstream::Context,
     config: &Config,
+    assignment: Assignment,
     shutdown: &CancellationToken,
 ) -> Option<Leases> {
     let holder = Holder::of_this_process();
@@ -158,36 +183,85 @@ async fn leases_with_retry(
         id = holder.id.as_str(),
         "partition lease holder identity"
     );
-    let open = || Leases::open(js, config.lease_ttl(), holder.clone());
+    let open = || Leases::open(js, config.lease_ttl(), holder.clone(), assignment);
     retry("the partition leases bucket", shutdown, open).await
 }
 
-/// Runs `attempt` until it succeeds (NATS may be restarting: keep trying), pausing 100 ms
-/// doubling to 5 s between failures; `None` once `shutdown` is cancelled.
-async fn retry<T, Attempt, Attempting>(
+/// Runs `attempt` until it succeeds, pausing 100 ms doubling to 5 s between failures; `None`
+/// once `shutdown` is cancelled.
+async fn retry<T, Attempting>(
     what: &str,
     shutdown: &CancellationToken,
-    mut attempt: Attempt,
+    attempt: impl FnMut() -> Attempting,
 ) -> Option<T>
 where
-    Attempt: FnMut() -> Attempting,
     Attempting: Future<Output = anyhow::Result<T>>,
 {
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match attempt().await {
-            Ok(done) => return Some(done),
-            Err(error) => tracing::warn!(
-                what,
-                error = format!("{error:#}"),
-                "cannot set up; retrying"
-            ),
+    let backoff = Backoff::new(backoff::INITIAL, backoff::SETUP_MAX);
+    backoff::until_set_up(what, backoff, shutdown, attempt).await
+}
+
+/// What every partition worker of this process shares, each part built once.
+#[derive(Clone)]
+struct Shared {
+    js: jetstream::Context,
+    pool: PgPool,
+    config: Arc<Config>,
+    metrics: PipelineMetrics,
+    persist_metrics: PersistMetrics,
+    dlq: DeadLetterQueue,
+    frames: FramePublisher,
+    fanout_metrics: FanoutMetrics,
+    presence: PresenceLookup,
+    push: PushScheduler,
+    replay: ReplayWindow,
+}
+
+impl Shared {
+    /// Also starts following device changes for push scheduling, until `shutdown`.
+    fn new(
+        js: jetstream::Context,
+        pool: PgPool,
+        config: Arc<Config>,
+        frames: FramePublisher,
+        fanout_metrics: FanoutMetrics,
+        shutdown: &CancellationToken,
+    ) -> Shared {
+        let presence = PresenceLookup::new(js.clone(), config.presence_ttl());
+        let push = PushScheduler::new(pool.clone(), js.clone(), presence.clone());
+        {
+            let (push, shutdown) = (push.clone(), shutdown.clone());
+            tokio::spawn(async move { push.listen_for_device_changes(shutdown).await });
         }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return None,
+        Shared {
+            metrics: PipelineMetrics::new(StepMetrics::new()),
+            persist_metrics: PersistMetrics::new(),
+            dlq: DeadLetterQueue::new(js.clone(), DlqSource::Messages),
+            replay: ReplayWindow::new(js.clone()),
+            js,
+            pool,
+            config,
+            frames,
+            fanout_metrics,
+            presence,
+            push,
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+
+    /// The work of `partition`, with its own fanout task.
+    fn partition(&self, partition: u32) -> PartitionWork {
+        let fanout = fanout::spawn(
+            partition,
+            self.frames.clone(),
+            self.presence.clone(),
+            self.fanout_metrics.clone(),
+            self.metrics.steps.clone(),
+        );
+        PartitionWork {
+            partition,
+            fanout,
+            shared: self.clone(),
+        }
     }
 }
 
@@ -196,38 +270,35 @@ where
 #[derive(Clone)]
 struct PartitionWork {
     partition: u32,
-    js: jetstream::Context,
-    pool: PgPool,
-    config: std::sync::Arc<Config>,
-    metrics: DeliveryMetrics,
     fanout: fanout::FanoutQueue,
-    push: push::schedule::PushScheduler,
-    replay: replay_window::ReplayWindow,
+    shared: Shared,
 }
 
 impl PartitionWork {
     /// Sets up the durable consumer and processes the partition until the lease is gone.
     async fn run(self, fence: Fence) {
+        let shared = self.shared;
         let Some(consumer) =
-            consumer_with_retry(&self.js, self.partition, &self.config, &fence).await
+            consumer_with_retry(&shared.js, self.partition, &shared.config, &fence).await
         else {
             return;
         };
-        let config = self.config;
+        let config = shared.config;
         let worker = PartitionWorker {
             partition: self.partition,
             consumer,
-            pool: self.pool,
-            js: self.js,
-            batch_size: config.batch_size.max(1),
-            poison_max_deliver: config.poison_max_deliver.max(1),
-            max_retry_delay: (config.ack_wait() / 3)
-                .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+            pool: shared.pool,
+            js: shared.js,
+            batch_size: config.batch_limit(),
+            poison_max_deliver: config.poison_deliveries(),
+            max_retry_delay: config.max_retry_delay(),
             config,
-            metrics: self.metrics,
+            metrics: shared.metrics,
+            persist_metrics: shared.persist_metrics,
+            dlq: shared.dlq,
             fanout: self.fanout,
-            push: self.push,
-            replay: self.replay,
+            push: shared.push,
+            replay: shared.replay,
             fence: fence.clone(),
         };
         worker.run(fence.token()).await;
@@ -247,36 +318,4 @@ async fn consumer_with_retry(
         ensure_delivery_consumer(js, partition, config).await
     };
     retry(&what, &fence.token(), setup).await
-}
-
-/// Publishes each owned consumer's pending and ack-pending counts every few seconds.
-async fn report_lag(
-    js: jetstream::Context,
-    partitions: Vec<u32>,
-    metrics: DeliveryMetrics,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let Ok(stream) = js.get_stream(MESSAGES_STREAM).await else {
-            continue;
-        };
-        for &partition in &partitions {
-            let Ok(info) = stream
-                .consumer_info(names::delivery_consumer(partition))
-                .await
-            else {
-                continue;
-            };
-            let label = [KeyValue::new("partition", partition.to_string())];
-            metrics.consumer_pending.record(info.num_pending, &label);
-            metrics
-                .consumer_ack_pending
-                .record(info.num_ack_pending as u64, &label);
-        }
-    }
 }

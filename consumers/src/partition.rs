@@ -37,52 +37,63 @@
 //!   a delay, and moved to the DLQ once it has been delivered `poison_max_deliver` times), so
 //!   one bad message never blocks its partition.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind, Message};
+use hotpath_core::announcements::{Announcement, HistoryChanged};
 use hotpath_core::config::Config;
 use hotpath_core::db::is_transient;
+use hotpath_core::domain::PipelineStep;
 use hotpath_core::envelope::Envelope;
 use hotpath_core::names::{HISTORY_INVALIDATE_SUBJECT, MESSAGES_STREAM, delivery_consumer};
 use hotpath_core::streams::rewind_delivery_consumer;
+use hotpath_core::telemetry::meter;
 use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Span;
 
-use crate::dlq::{self, DeadLetter};
+use crate::backoff::{self, Backoff};
+use crate::dlq::DeadLetterQueue;
 use crate::fanout::{self, FanoutQueue};
 use crate::fetch;
 use crate::lease::Fence;
-use crate::metrics::DeliveryMetrics;
-use crate::persist::{self, Row};
+use crate::metrics::{LabelledCounter, StepMetrics, slow_histogram};
+use crate::persist::{self, PersistMetrics, Row};
 use crate::push::schedule::PushScheduler;
 use crate::replay_window::{self, ReplayWindow};
+use crate::trace;
 
 pub struct PartitionWorker {
-    pub partition: u32,
-    pub consumer: PullConsumer,
-    pub pool: PgPool,
-    pub js: jetstream::Context,
-    pub config: Arc<Config>,
-    pub metrics: DeliveryMetrics,
-    pub batch_size: usize,
-    pub poison_max_deliver: u64,
+    pub(crate) partition: u32,
+    pub(crate) consumer: PullConsumer,
+    pub(crate) pool: PgPool,
+    pub(crate) js: jetstream::Context,
+    pub(crate) config: Arc<Config>,
+    pub(crate) metrics: PipelineMetrics,
+    pub(crate) persist_metrics: PersistMetrics,
+    /// Where messages that can never be stored go.
+    pub(crate) dlq: DeadLetterQueue,
+    pub(crate) batch_size: usize,
+    pub(crate) poison_max_deliver: u64,
     /// Longest pause between retries while Postgres is away; kept well under the ack wait so
     /// the in-progress signal always arrives in time.
-    pub max_retry_delay: Duration,
+    pub(crate) max_retry_delay: Duration,
     /// Where newly persisted messages go to be told to connected users.
-    pub fanout: FanoutQueue,
+    pub(crate) fanout: FanoutQueue,
     /// Schedules pushes to offline recipients' devices before a batch is acknowledged.
-    pub push: PushScheduler,
+    pub(crate) push: PushScheduler,
     /// The partition's lease: checked before the consumer is touched.
-    pub fence: Fence,
+    pub(crate) fence: Fence,
     /// Copies persisted messages into `REPLAY` before a batch is acknowledged.
-    pub replay: ReplayWindow,
+    pub(crate) replay: ReplayWindow,
 }
 
 /// A fetched message whose envelope could be read.
@@ -91,16 +102,8 @@ struct Item {
     envelope: Envelope,
     stream_seq: u64,
     deliveries: i64,
-}
-
-/// Sleeps for `delay` (doubling it, up to 5 s) unless shutdown comes first; false on shutdown.
-async fn pause(delay: &mut Duration, shutdown: &CancellationToken) -> bool {
-    let sleep = *delay;
-    *delay = (*delay * 2).min(Duration::from_secs(5));
-    tokio::select! {
-        () = tokio::time::sleep(sleep) => true,
-        () = shutdown.cancelled() => false,
-    }
+    /// Its `persist` span ([`crate::trace`]), open until the batch is settled.
+    span: Span,
 }
 
 enum Settled {
@@ -112,7 +115,7 @@ enum Settled {
 impl PartitionWorker {
     /// Runs until `shutdown` is cancelled; a batch in hand is settled or handed back first.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(backoff::INITIAL, backoff::SETUP_MAX);
         // A new worker may follow one that died with messages in hand, or whose pull request
         // is still waiting at the server.
         let mut resync = true;
@@ -123,7 +126,7 @@ impl PartitionWorker {
                     Ok(()) => (resync, taken_over) = (false, false),
                     Err(error) => {
                         tracing::warn!(partition = self.partition, %error, "cannot check the consumer; retrying");
-                        if !pause(&mut delay, &shutdown).await {
+                        if !backoff.pause(&shutdown).await {
                             break;
                         }
                         continue;
@@ -142,13 +145,13 @@ impl PartitionWorker {
                 self.process(fetched.messages, &shutdown).await;
             }
             match fetched.error {
-                None => delay = Duration::from_millis(100),
+                None => backoff.reset(),
                 Some(error) => {
                     // Messages may have been delivered to the failed pull and be lost in
                     // transit: check before fetching past them.
                     tracing::warn!(partition = self.partition, %error, "fetch failed; retrying");
                     resync = true;
-                    if !pause(&mut delay, &shutdown).await {
+                    if !backoff.pause(&shutdown).await {
                         break;
                     }
                 }
@@ -162,9 +165,25 @@ impl PartitionWorker {
     /// first and in order.
     async fn resync(&mut self, taken_over: bool) -> anyhow::Result<()> {
         let stream = self.js.get_stream(MESSAGES_STREAM).await?;
-        let info = stream
+        let info = match stream
             .consumer_info(delivery_consumer(self.partition))
-            .await?;
+            .await
+        {
+            Ok(info) => info,
+            // A rewind was cut short after its delete (its answer lost in a leader change):
+            // finish it.
+            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+                self.fence.check()?;
+                tracing::warn!(
+                    partition = self.partition,
+                    "the consumer is gone; creating it again"
+                );
+                self.consumer =
+                    rewind_delivery_consumer(&self.js, self.partition, &self.config).await?;
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        };
         if info.num_ack_pending == 0 && !taken_over {
             return Ok(());
         }
@@ -201,12 +220,18 @@ impl PartitionWorker {
                 }
             };
             match Envelope::decode(&message.payload) {
-                Ok(envelope) => items.push(Item {
-                    message,
-                    envelope,
-                    stream_seq,
-                    deliveries,
-                }),
+                Ok(envelope) => {
+                    let span =
+                        trace::persist_span(self.partition, stream_seq, message.headers.as_ref());
+                    span.record("message_id", tracing::field::display(envelope.message_id));
+                    items.push(Item {
+                        message,
+                        envelope,
+                        stream_seq,
+                        deliveries,
+                        span,
+                    })
+                }
                 // Bytes that are not an envelope never will be: straight to the DLQ.
                 Err(error) => {
                     self.dead_letter(&message, stream_seq, deliveries, &error.to_string())
@@ -214,14 +239,10 @@ impl PartitionWorker {
                 }
             }
         }
-        self.metrics
-            .step("decode", started.elapsed().as_secs_f64() * 1000.0);
+        self.metrics.steps.since(PipelineStep::Decode, started);
 
         self.persist_in_order(&items, shutdown).await;
-        self.metrics.pipeline_duration_ms.record(
-            started.elapsed().as_secs_f64() * 1000.0,
-            &[KeyValue::new("partition", self.partition.to_string())],
-        );
+        self.metrics.settled_batch(self.partition, started);
         tracing::debug!(
             partition = self.partition,
             batch_len = size,
@@ -274,7 +295,7 @@ impl PartitionWorker {
                 stream_seq: item.stream_seq,
             })
             .collect();
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(backoff::INITIAL, self.max_retry_delay);
         let mut attempt = 0u32;
         loop {
             if attempt > 0 {
@@ -286,14 +307,12 @@ impl PartitionWorker {
             let started = Instant::now();
             let result = persist::persist(&self.pool, &rows).await;
             let millis = started.elapsed().as_secs_f64() * 1000.0;
-            let status = if result.is_ok() { "success" } else { "error" };
-            self.metrics
-                .persist_duration_ms
-                .record(millis, &[KeyValue::new("status", status)]);
-            self.metrics.step("persist", millis);
+            self.persist_metrics.transaction(millis, result.is_ok());
+            self.metrics.steps.step(PipelineStep::Persist, millis);
             match result {
                 Ok(outcome) => return Settled::Done(outcome),
                 Err(error) if is_transient(&error) => {
+                    let delay = backoff.next();
                     tracing::warn!(
                         partition = self.partition,
                         batch_len = slice.len(),
@@ -302,11 +321,9 @@ impl PartitionWorker {
                         "Postgres unavailable; holding the batch"
                     );
                     self.in_progress(slice).await;
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => return Settled::ShuttingDown,
+                    if !backoff::sleep(delay, shutdown).await {
+                        return Settled::ShuttingDown;
                     }
-                    delay = (delay * 2).min(self.max_retry_delay);
                 }
                 Err(error) => {
                     tracing::warn!(partition = self.partition, batch_len = slice.len(), %error, "batch refused by Postgres");
@@ -339,75 +356,97 @@ impl PartitionWorker {
             .copied()
             .collect();
         stored.sort_unstable();
-        let envelopes: Vec<&Envelope> = stored.iter().map(|&i| &slice[i].envelope).collect();
-        self.push.schedule(&envelopes).await;
-        self.metrics
-            .step("push", started.elapsed().as_secs_f64() * 1000.0);
-        let started = Instant::now();
-        let copies = stored
+        let messages: Vec<(&Envelope, &Span)> = stored
             .iter()
-            .map(|&i| replay_window::Copy {
-                idempotency_key: &slice[i].envelope.idempotency_key,
-                payload: slice[i].message.payload.clone(),
-            })
+            .map(|&i| (&slice[i].envelope, &slice[i].span))
             .collect();
+        self.push.schedule(&messages).await;
+        self.metrics.steps.since(PipelineStep::Push, started);
+        let started = Instant::now();
+        let copies = self.window_copies(slice, &stored, &outcome).await;
         self.replay.copy(self.partition, copies).await;
-        self.metrics
-            .step("replay", started.elapsed().as_secs_f64() * 1000.0);
+        self.metrics.steps.since(PipelineStep::Replay, started);
         let started = Instant::now();
         let now = chrono::Utc::now();
-        for index in outcome.inserted.keys() {
+        for (index, seq) in &outcome.inserted {
             let item = &slice[*index];
+            item.span.record("outcome", "stored");
+            item.span.record("seq", seq);
             let waited = (now - item.envelope.accepted_at)
                 .num_microseconds()
                 .unwrap_or(0) as f64
                 / 1000.0;
-            self.metrics
-                .accept_to_persist_ms
-                .record(waited.max(0.0), &[]);
+            self.persist_metrics.accepted_to_persisted(waited);
             self.ack(&item.message).await;
         }
-        for index in outcome
-            .duplicates
-            .iter()
-            .chain(outcome.conflicts.iter().map(|c| &c.index))
-        {
+        for index in &outcome.duplicates {
+            slice[*index].span.record("outcome", "duplicate");
             self.ack(&slice[*index].message).await;
+        }
+        for conflict in &outcome.conflicts {
+            slice[conflict.index].span.record("outcome", "rejected");
+            self.ack(&slice[conflict.index].message).await;
         }
         for index in &outcome.orphans {
             self.poison(&slice[*index], "conversation does not exist")
                 .await;
         }
-        let inserted = outcome.inserted.len() as u64;
-        let duplicates = outcome.duplicates.len() as u64;
-        let count = |n: u64, status: &'static str, hit: &'static str| {
-            if n > 0 {
-                self.metrics.persist_total.add(
-                    n,
-                    &[
-                        KeyValue::new("status", status),
-                        KeyValue::new("idempotent_hit", hit),
-                    ],
-                );
-            }
-        };
-        count(inserted, "success", "false");
-        count(duplicates, "success", "true");
-        // Conflicts are not stored; `idempotent_hit`: an earlier delivery recorded the rejection.
-        let rejected_now = outcome.conflicts.iter().filter(|c| c.recorded_now).count() as u64;
+        self.persist_metrics.outcome(&outcome);
+        let stored = (outcome.inserted.len() + outcome.duplicates.len()) as u64;
         let conflicts = outcome.conflicts.len() as u64;
-        count(rejected_now, "conflict", "false");
-        count(conflicts - rejected_now, "conflict", "true");
-        self.metrics
-            .processed(self.partition, "success", inserted + duplicates);
+        self.metrics.processed(self.partition, "success", stored);
         self.metrics
             .processed(self.partition, "rejected", conflicts);
-        self.metrics
-            .step("ack", started.elapsed().as_secs_f64() * 1000.0);
+        self.metrics.steps.since(PipelineStep::Ack, started);
 
         self.invalidate_history(slice, &outcome).await;
-        self.fanout
-            .hand_off(fanout::told(&outcome, |index| &slice[index].envelope));
+        self.fanout.hand_off(fanout::told(&outcome, |index| {
+            (&slice[index].envelope, &slice[index].span)
+        }));
+    }
+
+    /// The replay window copies of the `stored` rows (in stream order), each with where its
+    /// row sits: a new row's seq is in the outcome; a duplicate's row is read back (it may
+    /// have been stored from another delivery). A duplicate whose row cannot be read now is
+    /// not copied again: its first delivery copied it.
+    async fn window_copies<'s>(
+        &self,
+        slice: &'s [Item],
+        stored: &[usize],
+        outcome: &persist::Outcome,
+    ) -> Vec<replay_window::Copy<'s>> {
+        let keys: Vec<String> = outcome
+            .duplicates
+            .iter()
+            .map(|&i| slice[i].envelope.idempotency_key.clone())
+            .collect();
+        let positions = if keys.is_empty() {
+            HashMap::new()
+        } else {
+            persist::positions(&self.pool, &keys)
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(partition = self.partition, %error, "stored rows of redelivered messages not read; their window copies are not made again");
+                    HashMap::new()
+                })
+        };
+        stored
+            .iter()
+            .filter_map(|&i| {
+                let item = &slice[i];
+                let key = item.envelope.idempotency_key.as_str();
+                let (seq, stream_seq) = match outcome.inserted.get(&i) {
+                    Some(&seq) => (seq, item.stream_seq as i64),
+                    None => *positions.get(key)?,
+                };
+                Some(replay_window::Copy {
+                    idempotency_key: key,
+                    payload: item.message.payload.clone(),
+                    seq,
+                    stream_seq,
+                })
+            })
+            .collect()
     }
 
     /// Tells the gateways that these conversations have new messages, so cached history pages
@@ -420,15 +459,12 @@ impl PartitionWorker {
             .collect();
         let client = self.js.client();
         for conversation_id in conversations {
-            let payload = serde_json::json!({ "conversationId": conversation_id }).to_string();
+            let changed = HistoryChanged { conversation_id };
             match client
-                .publish(HISTORY_INVALIDATE_SUBJECT, payload.into())
+                .publish(HISTORY_INVALIDATE_SUBJECT, changed.encode().into())
                 .await
             {
-                Ok(()) => self
-                    .metrics
-                    .cache_invalidated_total
-                    .add(1, &[KeyValue::new("cache_type", "recent_messages")]),
+                Ok(()) => self.metrics.cache_invalidated.add("recent_messages", 1),
                 Err(error) => tracing::debug!(%error, "history invalidation not announced"),
             }
         }
@@ -444,24 +480,21 @@ impl PartitionWorker {
     /// A message that cannot be stored: retried later (in case the cause was misjudged) until
     /// it has been delivered `poison_max_deliver` times, then moved to the DLQ.
     async fn poison(&self, item: &Item, reason: &str) {
-        self.metrics.persist_total.add(
-            1,
-            &[
-                KeyValue::new("status", "failed"),
-                KeyValue::new("idempotent_hit", "false"),
-            ],
-        );
+        self.persist_metrics.refused();
+        item.span.record("outcome", "refused");
         if item.deliveries as u64 >= self.poison_max_deliver {
             self.dead_letter(&item.message, item.stream_seq, item.deliveries, reason)
                 .await;
         } else {
-            tracing::warn!(
-                partition = self.partition,
-                stream_seq = item.stream_seq,
-                deliveries = item.deliveries,
-                reason,
-                "message refused; will retry"
-            );
+            item.span.in_scope(|| {
+                tracing::warn!(
+                    partition = self.partition,
+                    stream_seq = item.stream_seq,
+                    deliveries = item.deliveries,
+                    reason,
+                    "message refused; will retry"
+                )
+            });
             let delay = Duration::from_secs(item.deliveries.clamp(1, 30) as u64);
             let _ = item.message.ack_with(AckKind::Nak(Some(delay))).await;
             self.metrics.processed(self.partition, "retry", 1);
@@ -469,16 +502,71 @@ impl PartitionWorker {
     }
 
     async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
-        let letter = DeadLetter::of(
-            message,
-            MESSAGES_STREAM,
-            "messages",
-            stream_seq,
-            deliveries,
-            reason,
-        );
-        if dlq::move_message(&self.js, &self.metrics, message, letter).await {
+        let moved = self
+            .dlq
+            .move_message(message, stream_seq, deliveries, reason)
+            .await;
+        if moved {
             self.metrics.processed(self.partition, "dead_lettered", 1);
+        }
+    }
+}
+
+/// The partition workers' own metrics: `delivery_pipeline_processed_total{partition, status}`,
+/// `delivery_pipeline_duration_ms{partition}`, the steps of a batch and
+/// `delivery_cache_invalidated_total{cache_type}`.
+#[derive(Clone)]
+pub(crate) struct PipelineMetrics {
+    processed_total: Counter<u64>,
+    duration_ms: Histogram<f64>,
+    pub steps: StepMetrics,
+    pub cache_invalidated: LabelledCounter,
+}
+
+impl PipelineMetrics {
+    /// Shares `steps` with fanout, which records its own step.
+    pub fn new(steps: StepMetrics) -> PipelineMetrics {
+        let meter = meter();
+        PipelineMetrics {
+            processed_total: meter
+                .u64_counter("delivery_pipeline_processed_total")
+                .with_description(
+                    "Messages settled by the delivery pipeline, by partition and status",
+                )
+                .build(),
+            duration_ms: slow_histogram(
+                &meter,
+                "delivery_pipeline_duration_ms",
+                "From fetching a batch to acknowledging it",
+            ),
+            steps,
+            cache_invalidated: LabelledCounter::new(
+                &meter,
+                "delivery_cache_invalidated_total",
+                "cache_type",
+                "Cache invalidations announced to the gateways, by cache type",
+            ),
+        }
+    }
+
+    /// A batch of `partition`, fetched at `started`, is settled.
+    fn settled_batch(&self, partition: u32, started: Instant) {
+        self.duration_ms.record(
+            started.elapsed().as_secs_f64() * 1000.0,
+            &[KeyValue::new("partition", partition.to_string())],
+        );
+    }
+
+    /// `count` messages of `partition` settled with `status`.
+    fn processed(&self, partition: u32, status: &'static str, count: u64) {
+        if count > 0 {
+            self.processed_total.add(
+                count,
+                &[
+                    KeyValue::new("partition", partition.to_string()),
+                    KeyValue::new("status", status),
+                ],
+            );
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Writing a batch of envelopes to Postgres: one transaction, one insert statement.
 //!
-//! The transaction first locks the batch's conversations (`SELECT … FOR UPDATE`), which also
-//! tells which of them exist. Then a single statement drops the keys that are already stored
+//! The transaction first locks the batch's conversations (`SELECT … FOR UPDATE`, in id order,
+//! [`conversations::lock_existing`]), which also tells which of them exist. Then a single
+//! statement ([`messages::insert_batch`]) drops the keys that are already stored
 //! (a redelivered batch), numbers the new rows per conversation by stream sequence on top of
 //! `last_seq`, inserts them from `UNNEST` arrays with `ON CONFLICT (idempotency_key) DO
 //! NOTHING`, and bumps `last_seq`. A key that is already stored never consumes a seq, so seq is
@@ -14,14 +15,23 @@
 //! different digest is a conflict. It is not stored and takes no seq; its rejection is
 //! recorded in `message_rejections`, in this transaction and keyed by its own message id, so a
 //! redelivered conflict is recognised as already rejected and its sender is told once.
+//!
+//! The SQL lives with the tables it touches, in [`crate::store`]; this module owns the
+//! transaction around it and reads the statement's answer back into an [`Outcome`] per row.
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
 use hotpath_core::envelope::Envelope;
 use hotpath_core::rejection::Rejection;
+use hotpath_core::telemetry::meter;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::metrics::slow_histogram;
+use crate::store::conversations;
+use crate::store::messages::{self, Answer, Columns};
 
 /// One envelope with where it sat in the stream.
 #[derive(Debug, Clone)]
@@ -64,89 +74,6 @@ impl Conflict {
     }
 }
 
-const INSERT_BATCH: &str = r#"
-WITH input AS (
-    SELECT * FROM UNNEST(
-        $1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::text[], $9::text[], $10::uuid[], $11::int[], $12::int8[], $13::timestamptz[],
-        $14::text[]
-    ) AS t(id, conversation_id, sender_id, content, content_type, recipients, metadata,
-           priority, idempotency_key, correlation_id, stream_partition, stream_seq, accepted_at,
-           request_digest)
-),
-fresh AS (
-    SELECT DISTINCT ON (i.idempotency_key) i.*
-      FROM input i
-     WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.idempotency_key = i.idempotency_key)
-     ORDER BY i.idempotency_key, i.stream_seq
-),
--- The message each key of the batch names: the stored one, or the first of a new key's rows.
-named AS (
-    SELECT m.idempotency_key, m.id, m.request_digest
-      FROM messages m
-     WHERE m.idempotency_key IN (SELECT idempotency_key FROM input)
-    UNION ALL
-    SELECT f.idempotency_key, f.id, f.request_digest FROM fresh f
-),
--- Rows that reuse a key for a different request (a NULL digest on either side never differs).
-conflicts AS (
-    SELECT i.*, n.id AS original_id
-      FROM input i
-      JOIN named n ON n.idempotency_key = i.idempotency_key
-     WHERE i.request_digest <> n.request_digest
-),
-rejected AS (
-    INSERT INTO message_rejections (message_id, conversation_id, sender_id, correlation_id,
-                                    idempotency_key, reason, original_message_id, accepted_at)
-    SELECT id, conversation_id, sender_id, correlation_id, idempotency_key, $15::text,
-           original_id, accepted_at
-      FROM conflicts
-    ON CONFLICT (message_id) DO NOTHING
-    RETURNING message_id
-),
-numbered AS (
-    SELECT f.*,
-           c.last_seq + row_number() OVER (PARTITION BY f.conversation_id ORDER BY f.stream_seq) AS seq
-      FROM fresh f
-      JOIN conversations c ON c.id = f.conversation_id
-),
-inserted AS (
-    INSERT INTO messages (id, conversation_id, seq, sender_id, content, content_type,
-                          recipient_ids, metadata, priority, idempotency_key, correlation_id,
-                          stream_partition, stream_seq, accepted_at, request_digest)
-    SELECT id, conversation_id, seq, sender_id, content, content_type,
-           ARRAY(SELECT jsonb_array_elements_text(recipients::jsonb)), metadata::jsonb,
-           priority, idempotency_key, correlation_id, stream_partition, stream_seq, accepted_at,
-           request_digest
-      FROM numbered
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING id, idempotency_key, conversation_id, seq
-),
-bumped AS (
-    UPDATE conversations c
-       SET last_seq = b.max_seq
-      FROM (SELECT conversation_id, max(seq) AS max_seq FROM inserted GROUP BY conversation_id) b
-     WHERE c.id = b.conversation_id
-)
-SELECT idempotency_key, id AS message_id, seq, NULL::uuid AS original_id, false AS recorded
-  FROM inserted
-UNION ALL
-SELECT DISTINCT c.idempotency_key, c.id, NULL::int8, c.original_id,
-       c.id IN (SELECT message_id FROM rejected)
-  FROM conflicts c
-"#;
-
-/// A row of the statement's answer: a stored message with its seq, or a conflict with the
-/// message its key names and whether its rejection was recorded now.
-#[derive(sqlx::FromRow)]
-struct Answer {
-    idempotency_key: String,
-    message_id: Uuid,
-    seq: Option<i64>,
-    original_id: Option<Uuid>,
-    recorded: bool,
-}
-
 /// Stores `rows` in one transaction. An `Err` leaves nothing behind.
 pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::Error> {
     let mut outcome = Outcome::default();
@@ -158,13 +85,8 @@ pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::E
     let mut wanted: Vec<Uuid> = rows.iter().map(|r| r.envelope.conversation_id).collect();
     wanted.sort();
     wanted.dedup();
-    // Locks in id order, so two transactions can never wait on each other in a cycle.
-    let existing: Vec<(Uuid,)> =
-        sqlx::query_as("SELECT id FROM conversations WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&wanted)
-            .fetch_all(&mut *tx)
-            .await?;
-    let existing: HashSet<Uuid> = existing.into_iter().map(|(id,)| id).collect();
+    // Locked in id order, so two transactions can never wait on each other in a cycle.
+    let existing = conversations::lock_existing(&mut tx, &wanted).await?;
 
     let mut storable: Vec<usize> = Vec::with_capacity(rows.len());
     for (index, row) in rows.iter().enumerate() {
@@ -175,31 +97,29 @@ pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::E
         }
     }
 
-    let columns = Columns::from_rows(rows, &storable);
     let reason = Rejection::IdempotencyKeyReused {
         original_message_id: Uuid::nil(),
     }
     .code();
-    let answers: Vec<Answer> = sqlx::query_as(INSERT_BATCH)
-        .bind(&columns.ids)
-        .bind(&columns.conversation_ids)
-        .bind(&columns.sender_ids)
-        .bind(&columns.contents)
-        .bind(&columns.content_types)
-        .bind(&columns.recipients)
-        .bind(&columns.metadata)
-        .bind(&columns.priorities)
-        .bind(&columns.keys)
-        .bind(&columns.correlation_ids)
-        .bind(&columns.partitions)
-        .bind(&columns.stream_seqs)
-        .bind(&columns.accepted_at)
-        .bind(&columns.request_digests)
-        .bind(reason)
-        .fetch_all(&mut *tx)
-        .await?;
+    let answers = messages::insert_batch(&mut tx, &columns(rows, &storable), reason).await?;
     tx.commit().await?;
 
+    sort_out(rows, &storable, answers, &mut outcome);
+    Ok(outcome)
+}
+
+/// Where the stored messages among `keys` sit: idempotency key → (seq, stream_seq).
+pub async fn positions(
+    pool: &PgPool,
+    keys: &[String],
+) -> Result<HashMap<String, (i64, i64)>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    messages::positions(&mut conn, keys).await
+}
+
+/// Tells from the statement's `answers` which of the `storable` rows were stored now (with
+/// their seq), were already stored, or are conflicts.
+fn sort_out(rows: &[Row<'_>], storable: &[usize], answers: Vec<Answer>, outcome: &mut Outcome) {
     let mut seq_by_key: HashMap<String, i64> = HashMap::new();
     let mut conflict_by_id: HashMap<Uuid, (Uuid, bool)> = HashMap::new();
     for answer in answers {
@@ -216,7 +136,7 @@ pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::E
     }
     let mut first_of_key: HashSet<&str> = HashSet::new();
     let mut first_of_conflict: HashSet<Uuid> = HashSet::new();
-    for index in storable {
+    for &index in storable {
         let envelope = rows[index].envelope;
         if let Some(&(original_message_id, recorded)) = conflict_by_id.get(&envelope.message_id) {
             // A conflict twice in one batch is recorded once; the second copy was not.
@@ -237,50 +157,100 @@ pub async fn persist(pool: &PgPool, rows: &[Row<'_>]) -> Result<Outcome, sqlx::E
             _ => outcome.duplicates.push(index),
         }
     }
-    Ok(outcome)
 }
 
-/// The batch as column arrays for `UNNEST`.
-struct Columns {
-    ids: Vec<Uuid>,
-    conversation_ids: Vec<Uuid>,
-    sender_ids: Vec<String>,
-    contents: Vec<String>,
-    content_types: Vec<String>,
-    recipients: Vec<String>,
-    metadata: Vec<String>,
-    priorities: Vec<String>,
-    keys: Vec<String>,
-    correlation_ids: Vec<Uuid>,
-    partitions: Vec<i32>,
-    stream_seqs: Vec<i64>,
-    accepted_at: Vec<DateTime<Utc>>,
-    request_digests: Vec<Option<String>>,
+/// The rows at `indexes` as the statement's column arrays.
+pub(crate) fn columns(rows: &[Row<'_>], indexes: &[usize]) -> Columns {
+    let picked = || indexes.iter().map(|&i| &rows[i]);
+    let envelopes = || picked().map(|r| r.envelope);
+    Columns {
+        ids: envelopes().map(|e| e.message_id).collect(),
+        conversation_ids: envelopes().map(|e| e.conversation_id).collect(),
+        sender_ids: envelopes().map(|e| e.sender_id.clone()).collect(),
+        contents: envelopes().map(|e| e.content.clone()).collect(),
+        content_types: envelopes().map(|e| e.content_type.to_string()).collect(),
+        recipients: envelopes()
+            .map(|e| serde_json::Value::from(e.recipient_ids.clone()).to_string())
+            .collect(),
+        metadata: envelopes()
+            .map(|e| serde_json::Value::Object(e.metadata.clone()).to_string())
+            .collect(),
+        priorities: envelopes().map(|e| e.priority.to_string()).collect(),
+        keys: envelopes().map(|e| e.idempotency_key.clone()).collect(),
+        correlation_ids: envelopes().map(|e| e.correlation_id).collect(),
+        partitions: picked().map(|r| r.partition as i32).collect(),
+        stream_seqs: picked().map(|r| r.stream_seq as i64).collect(),
+        accepted_at: envelopes().map(|e| e.accepted_at).collect(),
+        request_digests: envelopes().map(|e| e.request_digest.clone()).collect(),
+    }
 }
 
-impl Columns {
-    fn from_rows(rows: &[Row<'_>], indexes: &[usize]) -> Columns {
-        let picked = || indexes.iter().map(|&i| &rows[i]);
-        let envelopes = || picked().map(|r| r.envelope);
-        Columns {
-            ids: envelopes().map(|e| e.message_id).collect(),
-            conversation_ids: envelopes().map(|e| e.conversation_id).collect(),
-            sender_ids: envelopes().map(|e| e.sender_id.clone()).collect(),
-            contents: envelopes().map(|e| e.content.clone()).collect(),
-            content_types: envelopes().map(|e| e.content_type.clone()).collect(),
-            recipients: envelopes()
-                .map(|e| serde_json::Value::from(e.recipient_ids.clone()).to_string())
-                .collect(),
-            metadata: envelopes()
-                .map(|e| serde_json::Value::Object(e.metadata.clone()).to_string())
-                .collect(),
-            priorities: envelopes().map(|e| e.priority.clone()).collect(),
-            keys: envelopes().map(|e| e.idempotency_key.clone()).collect(),
-            correlation_ids: envelopes().map(|e| e.correlation_id).collect(),
-            partitions: picked().map(|r| r.partition as i32).collect(),
-            stream_seqs: picked().map(|r| r.stream_seq as i64).collect(),
-            accepted_at: envelopes().map(|e| e.accepted_at).collect(),
-            request_digests: envelopes().map(|e| e.request_digest.clone()).collect(),
+/// What persisting does, as `delivery_persist_total{status, idempotent_hit}`,
+/// `delivery_persist_duration_ms{status}` and `delivery_accept_to_persist_ms`.
+#[derive(Clone)]
+pub(crate) struct PersistMetrics {
+    total: Counter<u64>,
+    duration_ms: Histogram<f64>,
+    accept_to_persist_ms: Histogram<f64>,
+}
+
+impl PersistMetrics {
+    pub fn new() -> PersistMetrics {
+        let meter = meter();
+        PersistMetrics {
+            total: meter
+                .u64_counter("delivery_persist_total")
+                .with_description("Messages written (or found already written) by status")
+                .build(),
+            duration_ms: slow_histogram(
+                &meter,
+                "delivery_persist_duration_ms",
+                "One batch's Postgres transaction",
+            ),
+            accept_to_persist_ms: slow_histogram(
+                &meter,
+                "delivery_accept_to_persist_ms",
+                "From the gateway's 202 to the message being in Postgres",
+            ),
+        }
+    }
+
+    /// One transaction took `millis`, and committed or not.
+    pub fn transaction(&self, millis: f64, committed: bool) {
+        let status = if committed { "success" } else { "error" };
+        self.duration_ms
+            .record(millis, &[KeyValue::new("status", status)]);
+    }
+
+    /// A newly stored message waited `millis` since the gateway accepted it.
+    pub fn accepted_to_persisted(&self, millis: f64) {
+        self.accept_to_persist_ms.record(millis.max(0.0), &[]);
+    }
+
+    /// The rows of a committed batch, by what became of them: stored now or before
+    /// (`idempotent_hit`), or a conflict whose rejection was recorded now or before.
+    pub fn outcome(&self, outcome: &Outcome) {
+        let rejected_now = outcome.conflicts.iter().filter(|c| c.recorded_now).count();
+        self.count(outcome.inserted.len(), "success", "false");
+        self.count(outcome.duplicates.len(), "success", "true");
+        self.count(rejected_now, "conflict", "false");
+        self.count(outcome.conflicts.len() - rejected_now, "conflict", "true");
+    }
+
+    /// A message that cannot be stored.
+    pub fn refused(&self) {
+        self.count(1, "failed", "false");
+    }
+
+    fn count(&self, rows: usize, status: &'static str, idempotent_hit: &'static str) {
+        if rows > 0 {
+            self.total.add(
+                rows as u64,
+                &[
+                    KeyValue::new("status", status),
+                    KeyValue::new("idempotent_hit", idempotent_hit),
+                ],
+            );
         }
     }
 }

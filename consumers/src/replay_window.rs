@@ -4,7 +4,9 @@
 //! before acknowledging, the worker copies each message it found stored (new or already there)
 //! into `REPLAY` on `replay.msgs.<p>`: the envelope's bytes exactly as they were accepted, with
 //! `Nats-Msg-Id` = the idempotency key, so a batch delivered again (a crash before the acks)
-//! is kept once within the window's duplicate window. `REPLAY` is limits retention with
+//! is kept once within the window's duplicate window, and headers saying where the row sits
+//! (`Hotpath-Seq`, `Hotpath-Stream-Seq`), so a replay into a Postgres restored from an older
+//! backup puts the row back with the seq it had ([`crate::restore`]). `REPLAY` is limits retention with
 //! `discard: old`, bounded by `HOTPATH_REPLAY_MAX_AGE_SECS` and `HOTPATH_REPLAY_MAX_BYTES`: it
 //! holds the most recent persisted messages and never refuses one for being full.
 //!
@@ -22,28 +24,43 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
-use hotpath_core::names::replay_subject;
+use hotpath_core::names::{replay_headers, replay_subject};
+use hotpath_core::telemetry::meter;
 
-use crate::metrics::DeliveryMetrics;
+use crate::metrics::LabelledCounter;
 
 /// Longest the copy may hold up a batch's acknowledgement.
 const COPY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One persisted message as it is copied: its idempotency key and the bytes the stream held.
+/// One persisted message as it is copied: its idempotency key, the bytes the stream held, and
+/// where its row sits.
 pub struct Copy<'a> {
     pub idempotency_key: &'a str,
     pub payload: Bytes,
+    /// The row's per-conversation seq.
+    pub seq: i64,
+    /// The row's `stream_seq`.
+    pub stream_seq: i64,
 }
 
 #[derive(Clone)]
 pub struct ReplayWindow {
     js: jetstream::Context,
-    metrics: DeliveryMetrics,
+    /// `delivery_replay_copy_failed_total{reason}`.
+    copy_failed: LabelledCounter,
 }
 
 impl ReplayWindow {
-    pub fn new(js: jetstream::Context, metrics: DeliveryMetrics) -> ReplayWindow {
-        ReplayWindow { js, metrics }
+    pub fn new(js: jetstream::Context) -> ReplayWindow {
+        let copy_failed = LabelledCounter::new(
+            &meter(),
+            "delivery_replay_copy_failed_total",
+            "reason",
+            "Persisted messages not copied into the replay window, by reason \
+             (rejected, timeout); the messages themselves are safe in Postgres",
+        );
+        copy_failed.declare(&["rejected", "timeout"]);
+        ReplayWindow { js, copy_failed }
     }
 
     /// Copies `persisted` (in stream order) into the window of `partition`. Never fails: what
@@ -55,14 +72,14 @@ impl ReplayWindow {
         }
         match tokio::time::timeout(COPY_TIMEOUT, self.try_copy(partition, persisted)).await {
             Ok(0) => {}
-            Ok(failed) => self.metrics.replay_copy_failed("rejected", failed),
+            Ok(failed) => self.copy_failed.add("rejected", failed),
             Err(_) => {
                 tracing::warn!(
                     partition,
                     batch_len = count,
                     "copying into the replay window timed out"
                 );
-                self.metrics.replay_copy_failed("timeout", count);
+                self.copy_failed.add("timeout", count);
             }
         }
     }
@@ -75,7 +92,12 @@ impl ReplayWindow {
         for copy in persisted {
             let message = PublishMessage::build()
                 .payload(copy.payload)
-                .message_id(copy.idempotency_key);
+                .message_id(copy.idempotency_key)
+                .header(replay_headers::SEQ, copy.seq.to_string().as_str())
+                .header(
+                    replay_headers::STREAM_SEQ,
+                    copy.stream_seq.to_string().as_str(),
+                );
             match self.js.send_publish(subject.clone(), message).await {
                 Ok(ack) => acks.push(ack),
                 Err(error) => {

@@ -12,15 +12,39 @@ use clap::{Args, Parser};
 /// conversation never has more recipients than a message may name.
 pub const DEFAULT_MAX_MEMBERS: usize = 1000;
 
+/// The most replicas JetStream keeps of a stream.
+pub const MAX_NATS_REPLICAS: usize = 5;
+
+/// Where every role and operator command looks for NATS when nothing else is configured: the
+/// nats-server a developer runs on this machine.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Where the roles find Postgres when nothing says otherwise.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/hotpath";
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// NATS server URL.
     #[arg(
         long,
         env = "HOTPATH_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = DEFAULT_NATS_URL
     )]
     pub nats_url: String,
+
+    /// File with this process's NATS credentials: an nkey user seed (`SU…`, as
+    /// `nats/cluster/accounts.conf` authenticates the roles) or a NATS `.creds` file. Unset:
+    /// no authentication (a development nats-server). Set, a role only checks that its
+    /// streams, buckets and schema exist: `hotpath migrate`, run with the operator's
+    /// credentials, makes them (docs/adr/0009-nats-accounts.md). Only the path is printed.
+    #[arg(long, env = "HOTPATH_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// JetStream replicas of every stream, KV bucket and the object store: 1 on one
+    /// nats-server, 3 on a three-node cluster. Applied wherever set-up creates or updates
+    /// them (`hotpath migrate`, and every role when no credentials are set).
+    #[arg(long, env = "HOTPATH_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
 
     /// `hotpath up` only: how often its nats-server forces JetStream's files to disk, `always`
     /// (every write: an acknowledged message survives an OS crash, at a cost in throughput) or
@@ -32,7 +56,7 @@ pub struct Config {
     #[arg(
         long,
         env = "HOTPATH_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/hotpath"
+        default_value = DEFAULT_DATABASE_URL
     )]
     pub database_url: String,
 
@@ -330,6 +354,24 @@ pub struct Config {
     pub fcm_project_id: Option<String>,
 }
 
+/// The settings [`Config::validate`] refused, each with the variable to fix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the configuration cannot work:")?;
+        for problem in &self.problems {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 /// Retry delays, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backoff(pub Vec<Duration>);
@@ -406,6 +448,82 @@ impl Config {
         DefaultsOnly::try_parse_from(["hotpath"]).map(|d| d.config)
     }
 
+    /// Every setting that cannot work, each named by its `HOTPATH_…` variable with what to
+    /// do about it; `Ok` when there is none. Every role checks this before it starts, so a
+    /// mistake is one clear message at start-up, not a failure at the first request.
+    ///
+    /// What is only unusual is not refused: values below a sensible floor are raised to it by
+    /// the accessors below (`ack_wait() / 3` for retries, at least one message per batch, …),
+    /// and a consumer replica left without partitions runs, reports not ready and says why
+    /// ([`Config::owns_nothing_because`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.partitions == 0 {
+            problems.push(
+                "HOTPATH_PARTITIONS is 0: it must be at least 1 (conversations are spread over \
+                 the partitions)"
+                    .to_string(),
+            );
+        }
+        if let Some(secret) = &self.jwt_secret {
+            let min = crate::auth::MIN_HS256_SECRET_BYTES;
+            if secret.len() < min {
+                problems.push(format!(
+                    "HOTPATH_JWT_SECRET is {} bytes: it must be at least {min} (make one with \
+                     `openssl rand -hex 32`)",
+                    secret.len()
+                ));
+            }
+        }
+        if self.ack_wait_secs == 0 {
+            problems.push(
+                "HOTPATH_ACK_WAIT_SECS is 0: it must be at least 1 (how long a delivery may \
+                 take before JetStream redelivers it)"
+                    .to_string(),
+            );
+        }
+        if !(1..=MAX_NATS_REPLICAS).contains(&self.nats_replicas) {
+            problems.push(format!(
+                "HOTPATH_NATS_REPLICAS is {}: JetStream keeps 1 to {MAX_NATS_REPLICAS} replicas \
+                 (1 on one nats-server, 3 on a three-node cluster)",
+                self.nats_replicas
+            ));
+        }
+        problems.extend(self.push_credential_problems());
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Push credentials given twice, or two ways at once.
+    fn push_credential_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let apns_token = self.apns_key_file.is_some()
+            || self.apns_key.is_some()
+            || self.apns_key_id.is_some()
+            || self.apns_team_id.is_some();
+        let apns_certificate = self.apns_cert_file.is_some() || self.apns_cert_key_file.is_some();
+        if apns_token && apns_certificate {
+            problems.push(
+                "APNS: set token auth (HOTPATH_APNS_KEY_FILE or HOTPATH_APNS_KEY, \
+                 HOTPATH_APNS_KEY_ID, HOTPATH_APNS_TEAM_ID) or certificate auth \
+                 (HOTPATH_APNS_CERT_FILE, HOTPATH_APNS_CERT_KEY_FILE), not both"
+                    .to_string(),
+            );
+        }
+        if self.apns_key_file.is_some() && self.apns_key.is_some() {
+            problems.push("set HOTPATH_APNS_KEY_FILE or HOTPATH_APNS_KEY, not both".to_string());
+        }
+        if self.fcm_credentials_file.is_some() && self.fcm_credentials.is_some() {
+            problems.push(
+                "set HOTPATH_FCM_CREDENTIALS_FILE or HOTPATH_FCM_CREDENTIALS, not both".to_string(),
+            );
+        }
+        problems
+    }
+
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
@@ -436,6 +554,23 @@ impl Config {
 
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
+    }
+
+    /// Longest pause between a consumer's retries while Postgres is away: a third of the ack
+    /// wait, so the in-progress signal always arrives in time, within 100 ms and 5 s.
+    pub fn max_retry_delay(&self) -> Duration {
+        (self.ack_wait() / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// Messages a delivery worker takes at once: `HOTPATH_BATCH_SIZE`, at least one.
+    pub fn batch_limit(&self) -> usize {
+        self.batch_size.max(1)
+    }
+
+    /// Deliveries before an unstorable message or receipt is dead-lettered:
+    /// `HOTPATH_POISON_MAX_DELIVER`, at least one.
+    pub fn poison_deliveries(&self) -> u64 {
+        self.poison_max_deliver.max(1)
     }
 
     pub fn facts_ttl(&self) -> Duration {
@@ -509,11 +644,15 @@ impl Config {
     }
 }
 
-/// Prints the configuration with the credentials in the NATS and database URLs and every
-/// secret hidden.
-impl fmt::Display for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Config {
+    /// Where it connects and how callers are authenticated.
+    fn fmt_connections(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "nats_url={}", redact_nats_url(&self.nats_url))?;
+        writeln!(
+            f,
+            "nats_creds={:?} nats_replicas={}",
+            self.nats_creds, self.nats_replicas
+        )?;
         match self.nats_sync {
             Some(sync) => writeln!(f, "nats_sync={sync}")?,
             None => writeln!(f, "nats_sync=<nats-server default>")?,
@@ -539,6 +678,11 @@ impl fmt::Display for Config {
             "jwt_issuer={:?} jwt_audience={:?} jwt_leeway_secs={}",
             self.jwt_issuer, self.jwt_audience, self.jwt_leeway_secs
         )?;
+        Ok(())
+    }
+
+    /// The gateway's limits on what clients may send and how long they may take.
+    fn fmt_ingress(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "rate_per_user={} rate_burst={}",
@@ -566,6 +710,11 @@ impl fmt::Display for Config {
             self.http_idle_timeout_secs,
             self.max_connections
         )?;
+        Ok(())
+    }
+
+    /// Streams, batches, pools, caches, policies and sockets.
+    fn fmt_delivery(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "batch_size={} ack_wait_secs={} poison_max_deliver={}",
@@ -608,6 +757,11 @@ impl fmt::Display for Config {
             self.ws_expiry_notice_secs
         )?;
         writeln!(f, "presence_ttl_secs={}", self.presence_ttl_secs)?;
+        Ok(())
+    }
+
+    /// Push providers (credentials only as set or unset) and consumer replicas.
+    fn fmt_push_and_replicas(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let delays: Vec<String> = self
             .push_backoff_ms
             .0
@@ -651,7 +805,19 @@ impl fmt::Display for Config {
             f,
             "consumer_replica={}/{} lease_ttl_secs={}",
             self.consumer_replica, self.consumer_replicas, self.lease_ttl_secs
-        )
+        )?;
+        Ok(())
+    }
+}
+
+/// Prints the configuration with the credentials in the NATS and database URLs and every
+/// secret hidden.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_connections(f)?;
+        self.fmt_ingress(f)?;
+        self.fmt_delivery(f)?;
+        self.fmt_push_and_replicas(f)
     }
 }
 
@@ -734,6 +900,48 @@ mod tests {
         let printed = config.to_string();
         assert!(!printed.contains("s3cret"), "{printed}");
         assert!(printed.contains("nats_url=nats://app:***@nats.internal:4222"));
+    }
+
+    #[test]
+    fn validate_names_every_setting_to_fix() {
+        let mut config = Config::from_env().unwrap();
+        assert_eq!(config.validate(), Ok(()));
+        config.partitions = 0;
+        config.jwt_secret = Some("short".into());
+        config.fcm_credentials = Some("{}".into());
+        config.fcm_credentials_file = Some("/etc/fcm.json".into());
+        config.apns_key_id = Some("KEY".into());
+        config.apns_cert_file = Some("/etc/apns.pem".into());
+        config.nats_replicas = 0;
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.problems.len(), 5, "{error}");
+        let text = error.to_string();
+        for setting in [
+            "HOTPATH_PARTITIONS",
+            "HOTPATH_JWT_SECRET is 5 bytes",
+            "HOTPATH_FCM_CREDENTIALS_FILE",
+            "HOTPATH_APNS_CERT_FILE",
+            "HOTPATH_NATS_REPLICAS is 0",
+        ] {
+            assert!(text.contains(setting), "{setting} in {text}");
+        }
+    }
+
+    #[test]
+    fn nats_credentials_print_as_their_path_and_replicas_default_to_one() {
+        let mut config = Config::from_env().unwrap();
+        assert_eq!(config.nats_creds, None);
+        assert_eq!(config.nats_replicas, 1);
+        config.nats_creds = Some("/run/secrets/nats/gateway.nk".into());
+        config.nats_replicas = 3;
+        assert_eq!(config.validate(), Ok(()));
+        let printed = config.to_string();
+        assert!(
+            printed.contains("nats_creds=Some(\"/run/secrets/nats/gateway.nk\") nats_replicas=3"),
+            "{printed}"
+        );
+        config.nats_replicas = MAX_NATS_REPLICAS + 1;
+        assert!(config.validate().is_err());
     }
 
     #[test]

@@ -55,13 +55,34 @@ pub async fn connect_with(url: &str, limits: PoolLimits) -> anyhow::Result<PgPoo
         .with_context(|| format!("connecting to Postgres at {}", redacted()))
 }
 
+/// The migrations in `migrations/`, embedded.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
 /// Applies the migrations in `migrations/`. Safe to run from several processes at once:
 /// sqlx serialises them with an advisory lock.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("../migrations")
-        .run(pool)
-        .await
-        .context("running migrations")?;
+    MIGRATOR.run(pool).await.context("running migrations")?;
+    Ok(())
+}
+
+/// Checks that every migration this build knows has been applied, without applying any: what a
+/// role does when `hotpath migrate` is the one that changes the schema. A schema ahead of this
+/// build (a newer Hotpath migrated it) is fine: migrations only add.
+pub async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("the database has no Hotpath schema: run `hotpath migrate` first")
+            })?;
+    let applied = applied.unwrap_or(0);
+    anyhow::ensure!(
+        applied >= latest,
+        "the database schema is at migration {applied} but this Hotpath needs {latest}: run \
+         `hotpath migrate` first"
+    );
     Ok(())
 }
 

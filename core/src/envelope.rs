@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::domain::{ContentType, Priority};
+
 /// Bumped when the envelope changes incompatibly; consumers refuse versions they do not know.
 pub const ENVELOPE_VERSION: u32 = 1;
 
@@ -21,12 +23,12 @@ pub struct Envelope {
     pub conversation_id: Uuid,
     pub sender_id: String,
     pub content: String,
-    pub content_type: String,
+    pub content_type: ContentType,
     /// The recipients resolved at accept time: the request's `recipientIds`, or every other
     /// active member of the conversation.
     pub recipient_ids: Vec<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
-    pub priority: String,
+    pub priority: Priority,
     pub accepted_at: DateTime<Utc>,
     /// What the request was ([`crate::ids::request_digest`]), so a reuse of the key for a
     /// different request is told from a retry. Envelopes written before it existed have none
@@ -71,10 +73,10 @@ mod tests {
             conversation_id: Uuid::nil(),
             sender_id: "alice".into(),
             content: "hi".into(),
-            content_type: "text".into(),
+            content_type: ContentType::Text,
             recipient_ids: vec!["bob".into()],
             metadata: serde_json::Map::new(),
-            priority: "normal".into(),
+            priority: Priority::Normal,
             accepted_at: Utc::now(),
             request_digest: Some("d".into()),
         }

@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::domain::ContentType;
+
+/// The state a `message.state.changed` event carries, re-exported with the event.
+pub use crate::domain::MessageState;
+
 /// A frame pushed to a user.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all_fields = "camelCase")]
@@ -33,28 +38,6 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageState {
-    Sent,
-    Delivered,
-    Read,
-    /// Accepted (202) but refused for good by the consumers: its key already named a different
-    /// message (ADR 0005).
-    Rejected,
-}
-
-impl MessageState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MessageState::Sent => "sent",
-            MessageState::Delivered => "delivered",
-            MessageState::Read => "read",
-            MessageState::Rejected => "rejected",
-        }
-    }
-}
-
 /// A persisted message as a recipient sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -65,7 +48,7 @@ pub struct DeliveredMessage {
     pub seq: i64,
     pub sender_id: String,
     pub content: String,
-    pub content_type: String,
+    pub content_type: ContentType,
     pub metadata: Map<String, Value>,
     pub accepted_at: DateTime<Utc>,
 }
@@ -117,7 +100,7 @@ mod tests {
                 seq: 1,
                 sender_id: "alice".into(),
                 content: "hi".into(),
-                content_type: "text".into(),
+                content_type: ContentType::Text,
                 metadata: Map::new(),
                 accepted_at: DateTime::UNIX_EPOCH,
             },

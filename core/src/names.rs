@@ -6,6 +6,8 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::domain::{DlqSource, Platform, ReceiptState};
+
 /// The backlog: accepted messages not yet persisted, one subject per partition. A work queue:
 /// a message leaves it when its delivery consumer acknowledges it, after it is in Postgres.
 pub const MESSAGES_STREAM: &str = "MESSAGES";
@@ -25,17 +27,18 @@ pub const PUSH_STREAM: &str = "PUSH";
 /// that every gateway drops its cached copy.
 pub const FACTS_INVALIDATE_SUBJECT: &str = "hotpath.facts.invalidate";
 /// NATS core subject on which the consumers announce that a conversation got new messages, so
-/// gateways drop their cached history pages of it. Payload: `{"conversationId": …}`.
+/// gateways drop their cached history pages of it. Payload: [`crate::announcements::HistoryChanged`].
 pub const HISTORY_INVALIDATE_SUBJECT: &str = "hotpath.cache.history";
 /// NATS core subject on which the gateways announce that a user registered a device, so the
 /// delivery consumers drop what they cached about that user's devices. Payload:
-/// `{"userId": …}`.
+/// [`crate::announcements::DevicesChanged`].
 pub const DEVICES_CHANGED_SUBJECT: &str = "hotpath.devices.changed";
 /// KV bucket saying which socket nodes hold a user's open WebSockets (see
 /// [`crate::presence`]).
 pub const PRESENCE_BUCKET: &str = "PRESENCE";
 /// KV bucket of partition leases: one key per partition ([`partition_lease_key`]) whose value
-/// names the consumer process that holds it; the bucket's max age is the lease TTL.
+/// names the consumer process that holds it, and one per consumer replica
+/// ([`replica_liveness_key`]) saying it runs; the bucket's max age is the lease TTL.
 pub const PARTITION_LEASES_BUCKET: &str = "PARTITION_LEASES";
 
 /// Subject a message of `partition` is published to.
@@ -48,11 +51,10 @@ pub fn replay_subject(partition: u32) -> String {
     format!("replay.msgs.{partition}")
 }
 
-/// `Nats-Msg-Id` of a message re-published from the replay window: new to `MESSAGES`'s
-/// duplicate window (the original's key would be dropped as a duplicate within it), and the
-/// same for the same window entry, so a replay repeated within the window is stored once.
-pub fn replayed_msg_id(replay_seq: u64) -> String {
-    format!("replay:{REPLAY_STREAM}:{replay_seq}")
+/// The partition of a replay window copy's subject (`replay.msgs.<p>` → p); `None` for any
+/// other subject.
+pub fn partition_of_replay_subject(subject: &str) -> Option<u32> {
+    subject.strip_prefix("replay.msgs.")?.parse().ok()
 }
 
 /// Subject a receipt for a message of a conversation in `partition` is published to.
@@ -61,7 +63,7 @@ pub fn receipt_subject(partition: u32) -> String {
 }
 
 /// `Nats-Msg-Id` of a receipt: one per (message, user, state), so repeated acks collapse.
-pub fn receipt_msg_id(message_id: &str, user_id: &str, state: &str) -> String {
+pub fn receipt_msg_id(message_id: &str, user_id: &str, state: ReceiptState) -> String {
     format!("{message_id}:{user_id}:{state}")
 }
 
@@ -75,25 +77,32 @@ pub fn partition_lease_key(partition: u32) -> String {
     format!("partition-{partition}")
 }
 
-/// Subject of push tasks for devices of `platform` (`apns`, `fcm`).
-pub fn push_subject(platform: &str) -> String {
+/// The liveness key of consumer replica `replica` of `replicas` in [`PARTITION_LEASES_BUCKET`]:
+/// present while some process runs as that replica, so the other replicas leave its share to
+/// it (`replica-1-of-2`).
+pub fn replica_liveness_key(replica: u32, replicas: u32) -> String {
+    format!("replica-{replica}-of-{replicas}")
+}
+
+/// Subject of push tasks for devices of `platform` (`push.apns`, `push.fcm`).
+pub fn push_subject(platform: Platform) -> String {
     format!("push.{platform}")
 }
 
 /// Durable pull consumer of the push workers for `platform`: one per platform, so a provider
 /// that is down holds back only its own tasks.
-pub fn push_consumer(platform: &str) -> String {
+pub fn push_consumer(platform: Platform) -> String {
     format!("push-{platform}")
 }
 
 /// `Nats-Msg-Id` of a push task: one per (message, recipient, platform), so a delivery batch
 /// processed twice schedules each push once.
-pub fn push_task_msg_id(message_id: &str, user_id: &str, platform: &str) -> String {
+pub fn push_task_msg_id(message_id: &str, user_id: &str, platform: Platform) -> String {
     format!("push:{message_id}:{}:{platform}", user_token(user_id))
 }
 
-/// DLQ subject for what failed in `source` (for example `messages`).
-pub fn dlq_subject(source: &str) -> String {
+/// DLQ subject for what failed in `source` (`dlq.messages`, …).
+pub fn dlq_subject(source: DlqSource) -> String {
     format!("dlq.{source}")
 }
 
@@ -137,6 +146,25 @@ pub fn partition_of(conversation_id: &str, partitions: u32) -> u32 {
     (u64::from_be_bytes(first) % u64::from(partitions.max(1))) as u32
 }
 
+/// Where an operator's replay consumer on `REPLAY` delivers (`nats consumer add REPLAY …
+/// --target hotpath.replay.intake`): every consumer process listens and restores what arrives
+/// into Postgres with its seq (ADR 0012).
+pub const REPLAY_INTAKE_SUBJECT: &str = "hotpath.replay.intake";
+
+/// The queue group the consumer processes listen on [`REPLAY_INTAKE_SUBJECT`] in, so each
+/// entry is restored by one of them; the replay consumer's `--deliver-group`.
+pub const REPLAY_INTAKE_GROUP: &str = "hotpath-replay-intake";
+
+/// Header names the delivery consumer sets on a replay window copy: where the message sits
+/// in Postgres, so a replay restores a lost row exactly as it was (`hotpath replay`, the
+/// replay intake). The partition is the copy's subject ([`replay_subject`]).
+pub mod replay_headers {
+    /// The message's per-conversation seq.
+    pub const SEQ: &str = "Hotpath-Seq";
+    /// The `MESSAGES` sequence it was persisted from (the row's `stream_seq`).
+    pub const STREAM_SEQ: &str = "Hotpath-Stream-Seq";
+}
+
 /// Header names Hotpath sets on DLQ entries.
 pub mod dlq_headers {
     pub const REASON: &str = "Hotpath-Dlq-Reason";
@@ -149,6 +177,14 @@ pub mod dlq_headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_come_from_replay_window_subjects() {
+        assert_eq!(partition_of_replay_subject("replay.msgs.12"), Some(12));
+        assert_eq!(partition_of_replay_subject(&replay_subject(3)), Some(3));
+        assert_eq!(partition_of_replay_subject("msgs.in.3"), None);
+        assert_eq!(partition_of_replay_subject("replay.msgs.x"), None);
+    }
 
     #[test]
     fn partition_is_stable_and_in_range() {

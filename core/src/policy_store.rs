@@ -75,36 +75,66 @@ pub struct PolicyStore {
     status: kv::Store,
 }
 
+fn modules_config(replicas: usize) -> object_store::Config {
+    object_store::Config {
+        bucket: MODULES_BUCKET.to_string(),
+        description: Some("Policy modules and their test vectors, by digest".into()),
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// The chain: one key, with history for `policy list` and rollbacks.
+fn chain_config(replicas: usize) -> kv::Config {
+    kv_config(
+        CHAIN_BUCKET,
+        "The active policy chain",
+        64,
+        Duration::ZERO,
+        replicas,
+    )
+}
+
+/// The gateways' reports: a gateway that stopped reporting drops out after an hour.
+fn status_config(replicas: usize) -> kv::Config {
+    kv_config(
+        STATUS_BUCKET,
+        "What each gateway runs",
+        1,
+        Duration::from_secs(3600),
+        replicas,
+    )
+}
+
 impl PolicyStore {
-    /// Opens the buckets, creating them on first use.
+    /// Set-up: creates the object store and both buckets with `replicas`, or brings existing
+    /// ones to `replicas`.
+    pub async fn ensure_buckets(js: &jetstream::Context, replicas: usize) -> anyhow::Result<()> {
+        if js.get_object_store(MODULES_BUCKET).await.is_err() {
+            let created = js.create_object_store(modules_config(replicas)).await;
+            if let Err(error) = created
+                && js.get_object_store(MODULES_BUCKET).await.is_err()
+            {
+                return Err(error).context("creating the POLICY_MODULES object store");
+            }
+        }
+        crate::streams::ensure_replicas(js, &format!("OBJ_{MODULES_BUCKET}"), replicas).await?;
+        crate::streams::ensure_key_value(js, chain_config(replicas)).await?;
+        crate::streams::ensure_key_value(js, status_config(replicas)).await
+    }
+
+    /// Opens the buckets, creating them (one replica) if set-up has not
+    /// ([`PolicyStore::ensure_buckets`]).
     pub async fn open(js: &jetstream::Context) -> anyhow::Result<PolicyStore> {
         let modules = match js.get_object_store(MODULES_BUCKET).await {
             Ok(store) => store,
             Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: MODULES_BUCKET.to_string(),
-                    description: Some("Policy modules and their test vectors, by digest".into()),
-                    ..Default::default()
-                })
+                .create_object_store(modules_config(1))
                 .await
                 .context("creating the POLICY_MODULES object store")?,
         };
-        let chain = open_kv(
-            js,
-            CHAIN_BUCKET,
-            "The active policy chain",
-            64,
-            Duration::ZERO,
-        )
-        .await?;
-        let status = open_kv(
-            js,
-            STATUS_BUCKET,
-            "What each gateway runs",
-            1,
-            Duration::from_secs(3600),
-        )
-        .await?;
+        let chain = open_kv(js, chain_config(1)).await?;
+        let status = open_kv(js, status_config(1)).await?;
         Ok(PolicyStore {
             modules,
             chain,
@@ -300,23 +330,29 @@ impl PolicyStore {
     }
 }
 
-async fn open_kv(
-    js: &jetstream::Context,
+async fn open_kv(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    js.create_key_value(config)
+        .await
+        .with_context(|| format!("creating the {bucket} bucket"))
+}
+
+fn kv_config(
     bucket: &str,
     description: &str,
     history: i64,
     max_age: Duration,
-) -> anyhow::Result<kv::Store> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
+    replicas: usize,
+) -> kv::Config {
+    kv::Config {
         bucket: bucket.to_string(),
         description: description.to_string(),
         history,
         max_age,
+        num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .with_context(|| format!("creating the {bucket} bucket"))
+    }
 }

@@ -71,22 +71,35 @@ pub struct Presence {
     ttl: Duration,
 }
 
+/// The bucket as set-up creates it: entries expire `ttl` after their last write.
+fn bucket_config(ttl: Duration, replicas: usize) -> kv::Config {
+    crate::streams::expiring_bucket(
+        PRESENCE_BUCKET,
+        "Which socket nodes hold each user's WebSockets",
+        ttl,
+        replicas,
+    )
+}
+
+/// Set-up: creates the bucket with `max_age = ttl` and `replicas`, or brings an existing
+/// one to `replicas` (the rest of it is left as an operator may have tuned it).
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    ttl: Duration,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    crate::streams::ensure_key_value(js, bucket_config(ttl, replicas)).await
+}
+
 impl Presence {
-    /// Opens the bucket, creating it with `max_age = ttl` on first use. A bucket that already
-    /// exists is used as it is (an operator may have tuned it).
+    /// Opens the bucket, creating it with `max_age = ttl` (one replica) if set-up has not
+    /// ([`ensure_bucket`]). A bucket that already exists is used as it is (an operator may
+    /// have tuned it).
     pub async fn open(js: &jetstream::Context, ttl: Duration) -> anyhow::Result<Presence> {
         let kv = match js.get_key_value(PRESENCE_BUCKET).await {
             Ok(kv) => kv,
             Err(_) => {
-                let created = js
-                    .create_key_value(kv::Config {
-                        bucket: PRESENCE_BUCKET.to_string(),
-                        description: "Which socket nodes hold each user's WebSockets".into(),
-                        history: 1,
-                        max_age: ttl,
-                        ..Default::default()
-                    })
-                    .await;
+                let created = js.create_key_value(bucket_config(ttl, 1)).await;
                 match created {
                     Ok(kv) => kv,
                     // Another process may have created it in the meantime.

@@ -5,30 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// How far a recipient got with a message. `Read` implies `Delivered`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReceiptState {
-    Delivered,
-    Read,
-}
-
-impl ReceiptState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReceiptState::Delivered => "delivered",
-            ReceiptState::Read => "read",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<ReceiptState> {
-        match text {
-            "delivered" => Some(ReceiptState::Delivered),
-            "read" => Some(ReceiptState::Read),
-            _ => None,
-        }
-    }
-}
+/// What a receipt records, re-exported with the receipt that carries it.
+pub use crate::domain::ReceiptState;
 
 /// One recipient's receipt for one message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,11 +32,7 @@ impl Receipt {
 
     /// The `Nats-Msg-Id` that collapses repeats of this receipt.
     pub fn msg_id(&self) -> String {
-        crate::names::receipt_msg_id(
-            &self.message_id.to_string(),
-            &self.user_id,
-            self.state.as_str(),
-        )
+        crate::names::receipt_msg_id(&self.message_id.to_string(), &self.user_id, self.state)
     }
 }
 
@@ -81,7 +55,10 @@ mod tests {
             "00000000-0000-0000-0000-000000000000:bob:read"
         );
         assert!(ReceiptState::Read > ReceiptState::Delivered);
-        assert_eq!(ReceiptState::parse("read"), Some(ReceiptState::Read));
-        assert_eq!(ReceiptState::parse("sent"), None);
+        assert_eq!(
+            "read".parse::<ReceiptState>().ok(),
+            Some(ReceiptState::Read)
+        );
+        assert_eq!("sent".parse::<ReceiptState>().ok(), None);
     }
 }

@@ -29,6 +29,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reads a stream's messages in stream order from a starting point to the last one there.
 pub struct StreamReader {
     messages: Option<consumer::pull::Ordered>,
+    /// How many messages there were to read when it was opened.
+    total: u64,
 }
 
 impl StreamReader {
@@ -61,7 +63,16 @@ impl StreamReader {
         } else {
             Some(consumer.messages().await.context("reading messages")?)
         };
-        Ok(StreamReader { messages })
+        Ok(StreamReader {
+            messages,
+            total: pending,
+        })
+    }
+
+    /// How many messages there were to read, from the start to the last one, when the reader
+    /// was opened (a progress bar's length).
+    pub fn total(&self) -> u64 {
+        self.total
     }
 
     /// The next message, or `None` after the last one.

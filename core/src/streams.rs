@@ -17,13 +17,17 @@
 //!   consumers copy each persisted message there before acknowledging it. Bounded by age and
 //!   bytes, it drops the oldest first and never blocks a send.
 
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, stream};
 
 use crate::config::Config;
+use crate::domain::Platform;
 use crate::names;
+use crate::nats_auth::NatsUser;
 
 const MESSAGES_JSON: &str = include_str!("../../nats/streams/MESSAGES.json");
 const REPLAY_JSON: &str = include_str!("../../nats/streams/REPLAY.json");
@@ -74,6 +78,7 @@ pub fn messages_stream_config(config: &Config) -> anyhow::Result<stream::Config>
     let mut stream = messages_stream_definition(config.partitions)?;
     stream.max_bytes = backlog_ceiling(config.backlog_max_bytes);
     stream.max_messages = backlog_ceiling(config.backlog_max_msgs);
+    stream.num_replicas = config.nats_replicas;
     Ok(stream)
 }
 
@@ -84,11 +89,16 @@ pub fn replay_stream_config(config: &Config) -> anyhow::Result<stream::Config> {
         serde_json::from_str(REPLAY_JSON).context("nats/streams/REPLAY.json")?;
     stream.max_age = Duration::from_secs(config.replay_max_age_secs);
     stream.max_bytes = as_limit(config.replay_max_bytes);
+    stream.num_replicas = config.nats_replicas;
     Ok(stream)
 }
 
-pub fn dlq_stream_config() -> anyhow::Result<stream::Config> {
-    serde_json::from_str(DLQ_JSON).context("nats/streams/DLQ.json")
+/// The `DLQ` stream of this deployment: the file's definition with its replicas.
+pub fn dlq_stream_config(config: &Config) -> anyhow::Result<stream::Config> {
+    let mut stream: stream::Config =
+        serde_json::from_str(DLQ_JSON).context("nats/streams/DLQ.json")?;
+    stream.num_replicas = config.nats_replicas;
+    Ok(stream)
 }
 
 /// The `RECEIPTS` stream of this deployment (a work queue, like `MESSAGES`), bounded by the
@@ -97,15 +107,20 @@ pub fn receipts_stream_config(config: &Config) -> anyhow::Result<stream::Config>
     let mut stream: stream::Config =
         serde_json::from_str(RECEIPTS_JSON).context("nats/streams/RECEIPTS.json")?;
     stream.max_bytes = as_limit(config.receipts_max_bytes);
+    stream.num_replicas = config.nats_replicas;
     Ok(stream)
 }
 
-pub fn push_stream_config() -> anyhow::Result<stream::Config> {
-    serde_json::from_str(PUSH_JSON).context("nats/streams/PUSH.json")
+/// The `PUSH` stream of this deployment: the file's definition with its replicas.
+pub fn push_stream_config(config: &Config) -> anyhow::Result<stream::Config> {
+    let mut stream: stream::Config =
+        serde_json::from_str(PUSH_JSON).context("nats/streams/PUSH.json")?;
+    stream.num_replicas = config.nats_replicas;
+    Ok(stream)
 }
 
 /// The push consumer of `platform`, from the template (whose `PLATFORM` placeholders name it).
-pub fn push_consumer_config(platform: &str) -> anyhow::Result<consumer::pull::Config> {
+pub fn push_consumer_config(platform: Platform) -> anyhow::Result<consumer::pull::Config> {
     let mut consumer: consumer::pull::Config =
         serde_json::from_str(PUSH_CONSUMER_JSON).context("nats/consumers/push.json")?;
     consumer.durable_name = Some(names::push_consumer(platform));
@@ -117,16 +132,9 @@ pub fn push_consumer_config(platform: &str) -> anyhow::Result<consumer::pull::Co
 /// Creates or updates the push consumer of `platform` and returns it.
 pub async fn ensure_push_consumer(
     js: &jetstream::Context,
-    platform: &str,
+    platform: Platform,
 ) -> anyhow::Result<consumer::PullConsumer> {
-    let stream = js
-        .get_stream(names::PUSH_STREAM)
-        .await
-        .context("PUSH stream")?;
-    stream
-        .create_consumer(push_consumer_config(platform)?)
-        .await
-        .with_context(|| format!("creating consumer {}", names::push_consumer(platform)))
+    create_consumer(js, names::PUSH_STREAM, push_consumer_config(platform)?).await
 }
 
 /// The receipts consumer: one durable over every partition, shared by all consumer replicas
@@ -145,14 +153,29 @@ pub async fn ensure_receipts_consumer(
     js: &jetstream::Context,
     config: &Config,
 ) -> anyhow::Result<consumer::PullConsumer> {
+    create_consumer(
+        js,
+        names::RECEIPTS_STREAM,
+        receipts_consumer_config(config)?,
+    )
+    .await
+}
+
+/// Creates or updates the durable consumer `consumer` describes on `stream_name`.
+async fn create_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    consumer: consumer::pull::Config,
+) -> anyhow::Result<consumer::PullConsumer> {
     let stream = js
-        .get_stream(names::RECEIPTS_STREAM)
+        .get_stream(stream_name)
         .await
-        .context("RECEIPTS stream")?;
+        .with_context(|| format!("{stream_name} stream"))?;
+    let name = consumer.durable_name.clone().unwrap_or_default();
     stream
-        .create_consumer(receipts_consumer_config(config)?)
+        .create_consumer(consumer)
         .await
-        .with_context(|| format!("creating consumer {}", names::RECEIPTS_CONSUMER))
+        .with_context(|| format!("creating consumer {name}"))
 }
 
 /// The delivery consumer of `partition`, from the template with this deployment's batch size
@@ -202,13 +225,83 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &Config) -> anyhow:
     js.create_or_update_stream(receipts_stream_config(config)?)
         .await
         .context("creating or updating the RECEIPTS stream")?;
-    js.create_or_update_stream(push_stream_config()?)
+    js.create_or_update_stream(push_stream_config(config)?)
         .await
         .context("creating or updating the PUSH stream")?;
-    js.create_or_update_stream(dlq_stream_config()?)
+    js.create_or_update_stream(dlq_stream_config(config)?)
         .await
         .context("creating or updating the DLQ stream")?;
     Ok(())
+}
+
+/// Brings an existing stream to `replicas` (a KV bucket's stream is `KV_<bucket>`, the object
+/// store's `OBJ_<bucket>`). JetStream moves the data itself: scaling up adds peers that catch
+/// up from the leader, scaling down drops peers.
+pub async fn ensure_replicas(
+    js: &jetstream::Context,
+    stream_name: &str,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .with_context(|| format!("reading the {stream_name} stream"))?;
+    let config = stream.cached_info().config.clone();
+    if config.num_replicas == replicas {
+        return Ok(());
+    }
+    tracing::info!(
+        stream = stream_name,
+        from = config.num_replicas,
+        to = replicas,
+        "changing the replicas of a stream"
+    );
+    js.update_stream(stream::Config {
+        num_replicas: replicas,
+        ..config
+    })
+    .await
+    .with_context(|| format!("changing the replicas of {stream_name} to {replicas}"))?;
+    Ok(())
+}
+
+/// A KV bucket of single-value entries that expire `ttl` after their last write (presence,
+/// partition leases), with `replicas` replicas.
+pub fn expiring_bucket(
+    bucket: &str,
+    description: &str,
+    ttl: Duration,
+    replicas: usize,
+) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: bucket.to_string(),
+        description: description.to_string(),
+        history: 1,
+        max_age: ttl,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// Creates the KV bucket `config` describes (with its `num_replicas`), or brings an existing
+/// one to those replicas; the rest of an existing bucket is left as it is (an operator may
+/// have tuned it).
+pub async fn ensure_key_value(
+    js: &jetstream::Context,
+    config: jetstream::kv::Config,
+) -> anyhow::Result<()> {
+    let bucket = config.bucket.clone();
+    let replicas = config.num_replicas.max(1);
+    if js.get_key_value(&bucket).await.is_err() {
+        let created = js.create_key_value(config).await;
+        // Another process may have created it in the meantime.
+        if let Err(error) = created
+            && js.get_key_value(&bucket).await.is_err()
+        {
+            return Err(error).with_context(|| format!("creating the {bucket} bucket"));
+        }
+    }
+    ensure_replicas(js, &format!("KV_{bucket}"), replicas).await
 }
 
 /// Creates or updates the delivery consumer of `partition` and returns it.
@@ -217,14 +310,8 @@ pub async fn ensure_delivery_consumer(
     partition: u32,
     config: &Config,
 ) -> anyhow::Result<consumer::PullConsumer> {
-    let stream = js
-        .get_stream(names::MESSAGES_STREAM)
-        .await
-        .context("MESSAGES stream")?;
-    stream
-        .create_consumer(delivery_consumer_config(partition, config)?)
-        .await
-        .with_context(|| format!("creating consumer {}", names::delivery_consumer(partition)))
+    let consumer = delivery_consumer_config(partition, config)?;
+    create_consumer(js, names::MESSAGES_STREAM, consumer).await
 }
 
 /// Recreates the delivery consumer of `partition`, so that it delivers again, in stream order,
@@ -233,7 +320,8 @@ pub async fn ensure_delivery_consumer(
 /// `MESSAGES` is a work queue: deleting a consumer leaves the messages it had not had
 /// acknowledged in the stream (only acknowledged ones are gone), and the recreated consumer's
 /// `deliver_policy: all` starts at the first message still stored on its subject, which is
-/// the first one not acknowledged.
+/// the first one not acknowledged. A consumer already gone is simply created again, so a
+/// rewind cut short between the delete and the create is finished by the next one.
 pub async fn rewind_delivery_consumer(
     js: &jetstream::Context,
     partition: u32,
@@ -244,40 +332,108 @@ pub async fn rewind_delivery_consumer(
         .await
         .context("MESSAGES stream")?;
     let name = names::delivery_consumer(partition);
-    stream
-        .delete_consumer(&name)
-        .await
-        .with_context(|| format!("deleting consumer {name}"))?;
+    match stream.delete_consumer(&name).await {
+        Ok(_) => {}
+        // Already gone: an earlier rewind deleted it and its answer was lost (a leader change
+        // in a cluster), or stopped before it created the consumer again.
+        Err(error) if is_consumer_not_found(&error) => {}
+        Err(error) => {
+            return Err(anyhow::Error::from(error).context(format!("deleting consumer {name}")));
+        }
+    }
     stream
         .create_consumer(delivery_consumer_config(partition, config)?)
         .await
         .with_context(|| format!("recreating consumer {name}"))
 }
 
-/// Connects to NATS, bounded in time so a wrong URL fails start-up clearly instead of hanging.
-/// After the first connection the client reconnects by itself, forever.
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    let options = async_nats::ConnectOptions::new()
+/// Whether JetStream answered that the consumer does not exist.
+fn is_consumer_not_found(error: &jetstream::stream::ConsumerError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::stream::ConsumerErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+    )
+}
+
+/// Connects to NATS as `user` (its inbox prefix) with the credentials in `creds`
+/// (`HOTPATH_NATS_CREDS`; none: unauthenticated, as a development nats-server takes it),
+/// bounded in time so a wrong URL fails start-up clearly instead of hanging. After the first
+/// connection the client reconnects by itself, forever.
+///
+/// What the server refuses (a wrong key, a subject the user may not use) it reports to the
+/// client only as an asynchronous `-ERR`: those are logged as warnings, and an authorization
+/// failure at start-up is the error's reason.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    user: NatsUser,
+    creds: Option<&Path>,
+) -> anyhow::Result<async_nats::Client> {
+    let refused = Arc::new(Mutex::new(None::<String>));
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
+        .custom_inbox_prefix(user.inbox_prefix())
         .connection_timeout(Duration::from_secs(5))
         .retry_on_initial_connect()
-        .max_reconnects(None);
+        .max_reconnects(None)
+        .event_callback(log_server_errors(name.to_string(), refused.clone()));
+    if let Some(creds) = creds {
+        options = crate::nats_auth::with_credentials(options, creds).await?;
+    }
     let shown = crate::config::redact_nats_url(url);
-    let client = tokio::time::timeout(Duration::from_secs(10), options.connect(url))
+    // Several servers (a cluster) come comma-separated; the client takes them as a list and
+    // fails over between them.
+    let servers: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let client = tokio::time::timeout(Duration::from_secs(10), options.connect(servers))
         .await
         .with_context(|| format!("timed out connecting to NATS at {shown}"))?
         .with_context(|| format!("connecting to NATS at {shown}"))?;
     // retry_on_initial_connect returns before the first connection: wait for it, bounded.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while client.connection_state() != async_nats::connection::State::Connected {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "could not reach NATS at {shown}"
-        );
+        let reason = refused.lock().map(|r| r.clone()).unwrap_or_default();
+        // A key the server does not know stays unknown: no point in waiting.
+        let unauthorized = reason
+            .as_deref()
+            .is_some_and(|r| r.contains("authorization violation"));
+        if unauthorized || tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "could not connect to NATS at {shown}{}",
+                reason.map_or(String::new(), |r| format!(": {r}"))
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     check_server_version(&client)?;
     Ok(client)
+}
+
+/// The client's event callback: server errors logged, and the last server or connection
+/// error kept for [`connect`] (a refused key shows as a connection error).
+fn log_server_errors(
+    name: String,
+    last: Arc<Mutex<Option<String>>>,
+) -> impl Fn(async_nats::Event) -> std::future::Ready<()> + Send + Sync + 'static {
+    move |event| {
+        let error = match event {
+            async_nats::Event::ServerError(error) => {
+                let error = error.to_string();
+                tracing::warn!(client = %name, %error, "NATS refused something");
+                error
+            }
+            async_nats::Event::ClientError(error) => error.to_string(),
+            _ => return std::future::ready(()),
+        };
+        if let Ok(mut last) = last.lock() {
+            *last = Some(error);
+        }
+        std::future::ready(())
+    }
 }
 
 /// nats-server 2.10 is the oldest with the features Hotpath uses (KV, object store, stream
@@ -335,7 +491,7 @@ mod tests {
         assert_eq!(replay.max_age, Duration::from_secs(3600));
         assert_eq!(names::replay_subject(3), "replay.msgs.3");
 
-        assert_eq!(dlq_stream_config().unwrap().name, names::DLQ_STREAM);
+        assert_eq!(dlq_stream_config(&config).unwrap().name, names::DLQ_STREAM);
         let consumer = delivery_consumer_config(7, &config).unwrap();
         assert_eq!(consumer.durable_name.as_deref(), Some("delivery-7"));
         assert_eq!(consumer.filter_subject, "msgs.in.7");
@@ -352,12 +508,32 @@ mod tests {
             Some(names::RECEIPTS_CONSUMER)
         );
         assert_eq!(consumer.filter_subject, "receipts.*");
-        let push = push_stream_config().unwrap();
+        let push = push_stream_config(&config).unwrap();
         assert_eq!(push.name, names::PUSH_STREAM);
         assert_eq!(push.retention, stream::RetentionPolicy::WorkQueue);
-        let consumer = push_consumer_config("fcm").unwrap();
+        let consumer = push_consumer_config(Platform::Fcm).unwrap();
         assert_eq!(consumer.durable_name.as_deref(), Some("push-fcm"));
         assert_eq!(consumer.filter_subject, "push.fcm");
         assert_eq!(consumer.max_deliver, -1);
+    }
+
+    #[test]
+    fn every_stream_gets_the_configured_replicas() {
+        let mut config = Config::from_env().unwrap();
+        let all = |config: &Config| {
+            [
+                messages_stream_config(config).unwrap(),
+                replay_stream_config(config).unwrap(),
+                receipts_stream_config(config).unwrap(),
+                push_stream_config(config).unwrap(),
+                dlq_stream_config(config).unwrap(),
+            ]
+        };
+        // The files say 1, and so does the default: one nats-server.
+        assert!(all(&config).iter().all(|s| s.num_replicas == 1));
+        config.nats_replicas = 3;
+        for stream in all(&config) {
+            assert_eq!(stream.num_replicas, 3, "{}", stream.name);
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Metrics and logs.
+//! Metrics, logs and traces (the traces' own module is [`crate::trace`]).
 //!
 //! Metrics are OpenTelemetry instruments exported in Prometheus text format on each process's
 //! `/metrics`. Components create their own instruments from [`meter`] where the work happens;
@@ -9,6 +9,10 @@ use std::sync::OnceLock;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::trace;
 
 struct Telemetry {
     registry: prometheus::Registry,
@@ -61,13 +65,50 @@ pub const SLOW_MS_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
-/// Structured logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// Structured logs to stderr, filtered by `RUST_LOG` (default `info`); no spans are exported.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"));
     // A second call (tests start several roles) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let _ = tracing_subscriber::registry()
+        .with(log_filter())
+        .with(log_lines())
         .try_init();
+}
+
+/// Structured logs as [`init_tracing`], and spans exported over OTLP as `service` when the
+/// environment asks for it ([`crate::trace`]). Keep the answer until the process ends: dropping
+/// it flushes the spans still queued.
+pub fn init_logs_and_traces(service: &str) -> Option<trace::Exporter> {
+    if !trace::requested() {
+        init_tracing();
+        return None;
+    }
+    match trace::exporter(service) {
+        Ok((spans, exporter)) => {
+            let _ = tracing_subscriber::registry()
+                .with(log_filter())
+                .with(log_lines())
+                .with(spans)
+                .try_init();
+            tracing::info!(service, "exporting traces over OTLP");
+            Some(exporter)
+        }
+        Err(error) => {
+            init_tracing();
+            // Traces are for diagnosis: a role runs without them rather than not at all.
+            tracing::warn!(%error, "cannot export traces; running without them");
+            None
+        }
+    }
+}
+
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,async_nats=warn"))
+}
+
+fn log_lines<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    tracing_subscriber::fmt::layer().with_writer(std::io::stderr)
 }

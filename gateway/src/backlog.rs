@@ -118,6 +118,18 @@ pub struct Backlog {
 impl Backlog {
     pub fn new(bound: Bound) -> Backlog {
         let meter = hotpath_core::telemetry::meter();
+        // The bound next to the estimate, so that an alert on "near the bound" needs no
+        // copy of the configuration (ops/prometheus/alerts.yml divides one by the other).
+        meter
+            .u64_gauge("producer_backlog_limit_messages")
+            .with_description("The backlog bound in messages (HOTPATH_BACKLOG_MAX_MSGS)")
+            .build()
+            .record(bound.max_messages, &[]);
+        meter
+            .u64_gauge("producer_backlog_limit_bytes")
+            .with_description("The backlog bound in bytes (HOTPATH_BACKLOG_MAX_BYTES)")
+            .build()
+            .record(bound.max_bytes, &[]);
         Backlog {
             bound,
             estimate: Arc::new(Mutex::new(Estimate::default())),

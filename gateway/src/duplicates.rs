@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::http::db_error;
 use crate::producer::Published;
 use crate::state::AppState;
+use crate::store::messages::{self, KeyedMessage};
 
 /// The message that `envelope`, published as a duplicate, is a retry of; or the rejection
 /// when its key already names a different message, or when nothing can tell (the kept message
@@ -60,15 +61,20 @@ pub async fn retried(
         return Ok(kept.message_id);
     }
 
-    let stored: Option<(Uuid, Option<String>)> =
-        sqlx::query_as("SELECT id, request_digest FROM messages WHERE idempotency_key = $1")
-            .bind(&envelope.idempotency_key)
-            .fetch_optional(&state.pool)
-            .await
-            .map_err(db_error)?;
+    let stored = messages::by_idempotency_key(&state.pool, &envelope.idempotency_key)
+        .await
+        .map_err(db_error)?;
     match (stored, kept) {
-        (Some((id, digest)), _) if !conflicts(digest.as_deref(), incoming) => Ok(id),
-        (Some((original_message_id, _)), _)
+        (Some(stored), _) if !conflicts(stored.request_digest.as_deref(), incoming) => {
+            Ok(stored.id)
+        }
+        (
+            Some(KeyedMessage {
+                id: original_message_id,
+                ..
+            }),
+            _,
+        )
         | (
             None,
             Some(Envelope {

@@ -10,53 +10,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use hotpath_core::announcements::{Announcement, FactsChanged};
+use hotpath_core::domain::ConversationKind;
 use hotpath_core::names::FACTS_INVALIDATE_SUBJECT;
 use hotpath_core::rejection::Rejection;
 use moka::future::Cache;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::store;
 
 /// A conversation as the checks see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConversationFacts {
     pub id: Uuid,
-    pub kind: String,
+    pub kind: ConversationKind,
     pub is_active: bool,
     pub active_members: BTreeSet<String>,
-}
-
-/// An announcement that facts changed.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Invalidation {
-    /// The gateway that made the change (it has already dropped its own copy).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub origin: Option<Uuid>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation_id: Option<Uuid>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub user_ids: Vec<String>,
-}
-
-impl Invalidation {
-    pub fn conversation(id: Uuid) -> Invalidation {
-        Invalidation {
-            origin: None,
-            conversation_id: Some(id),
-            user_ids: Vec::new(),
-        }
-    }
-
-    pub fn users(user_ids: Vec<String>) -> Invalidation {
-        Invalidation {
-            origin: None,
-            conversation_id: None,
-            user_ids,
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -116,21 +88,19 @@ impl Facts {
     }
 
     /// Drops the local copy and tells every other gateway to drop theirs.
-    pub async fn announce(&self, mut invalidation: Invalidation) {
+    pub async fn announce(&self, mut invalidation: FactsChanged) {
         self.apply(&invalidation).await;
         invalidation.origin = Some(self.origin);
-        // Serialising this struct cannot fail.
-        let payload = serde_json::to_vec(&invalidation).expect("invalidation serialises");
         if let Err(error) = self
             .nats
-            .publish(FACTS_INVALIDATE_SUBJECT, payload.into())
+            .publish(FACTS_INVALIDATE_SUBJECT, invalidation.encode().into())
             .await
         {
             tracing::warn!(%error, "could not announce a fact change; other gateways fall back to the TTL");
         }
     }
 
-    async fn apply(&self, invalidation: &Invalidation) {
+    async fn apply(&self, invalidation: &FactsChanged) {
         if let Some(id) = invalidation.conversation_id {
             self.conversations.invalidate(&id).await;
             self.invalidated
@@ -146,7 +116,7 @@ impl Facts {
     /// Listens for announcements until the subscription ends.
     pub async fn listen(self, mut subscription: async_nats::Subscriber) {
         while let Some(message) = subscription.next().await {
-            match serde_json::from_slice::<Invalidation>(&message.payload) {
+            match FactsChanged::decode(&message.payload) {
                 Ok(invalidation) if invalidation.origin == Some(self.origin) => {}
                 Ok(invalidation) => self.apply(&invalidation).await,
                 Err(error) => tracing::warn!(%error, "ignoring a malformed invalidation"),
@@ -167,35 +137,18 @@ async fn load_conversation(
     pool: &PgPool,
     id: Uuid,
 ) -> Result<Option<Arc<ConversationFacts>>, sqlx::Error> {
-    let row: Option<(String, bool, Vec<String>)> = sqlx::query_as(
-        "SELECT c.type, c.is_active,
-                COALESCE(array_agg(m.user_id) FILTER (WHERE m.is_active), '{}')
-           FROM conversations c
-           LEFT JOIN conversation_members m ON m.conversation_id = c.id
-          WHERE c.id = $1
-          GROUP BY c.id",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|(kind, is_active, members)| {
+    let row = store::conversations::with_members(pool, id).await?;
+    Ok(row.map(|row| {
         Arc::new(ConversationFacts {
             id,
-            kind,
-            is_active,
-            active_members: members.into_iter().collect(),
+            kind: row.kind,
+            is_active: row.is_active,
+            active_members: row.active_members.into_iter().collect(),
         })
     }))
 }
 
 async fn load_blocks(pool: &PgPool, user_id: &str) -> Result<Arc<HashSet<String>>, sqlx::Error> {
-    let others: Vec<(String,)> = sqlx::query_as(
-        "SELECT blocked_id FROM blocks WHERE blocker_id = $1
-         UNION
-         SELECT blocker_id FROM blocks WHERE blocked_id = $1",
-    )
-    .bind(user_id)
-    .fetch_all(pool)
-    .await?;
-    Ok(Arc::new(others.into_iter().map(|(id,)| id).collect()))
+    let others = store::blocks::either_way(pool, user_id).await?;
+    Ok(Arc::new(others.into_iter().collect()))
 }

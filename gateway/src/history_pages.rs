@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use hotpath_core::announcements::{Announcement, HistoryChanged};
 use moka::future::Cache;
 use uuid::Uuid;
 
@@ -58,15 +59,8 @@ impl HistoryPages {
     /// Drops pages as the consumers announce new messages, until the subscription ends.
     pub async fn listen(self, mut announcements: async_nats::Subscriber) {
         while let Some(message) = announcements.next().await {
-            let changed = serde_json::from_slice::<serde_json::Value>(&message.payload)
-                .ok()
-                .and_then(|v| {
-                    v.get("conversationId")?
-                        .as_str()
-                        .and_then(|s| Uuid::parse_str(s).ok())
-                });
-            if let Some(conversation) = changed {
-                self.forget(conversation);
+            if let Ok(changed) = HistoryChanged::decode(&message.payload) {
+                self.forget(changed.conversation_id);
             }
         }
     }

@@ -4,6 +4,9 @@
 //!
 //! Start reading at [`routes::send`], which tells the hot path in order, then [`socket`].
 
+// Small functions read as their steps (see clippy.toml).
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
 mod backlog;
 mod databases;
 mod duplicates;
@@ -19,14 +22,17 @@ pub mod routes;
 mod server;
 pub mod socket;
 mod state;
+mod store;
+mod trace;
 
-use axum::Router;
 use axum::routing::{delete, get, post, put};
+use axum::{Router, middleware};
 use hotpath_core::auth::TokenVerifier;
 use hotpath_core::config::Config;
-use hotpath_core::names::FACTS_INVALIDATE_SUBJECT;
+use hotpath_core::names::{FACTS_INVALIDATE_SUBJECT, HISTORY_INVALIDATE_SUBJECT};
 use hotpath_core::presence::Presence;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use databases::Databases;
@@ -43,7 +49,20 @@ pub async fn router(
     nats: async_nats::Client,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Router> {
-    let body_timeout = config.http_body_timeout();
+    let state = start(config, verifier, databases, nats, shutdown).await?;
+    Ok(routes(state))
+}
+
+/// The shared state, with the background work that keeps it current running: presence,
+/// the backlog's view, the policy chain, fact and history invalidations, rate-limiter
+/// housekeeping.
+async fn start(
+    config: Config,
+    verifier: TokenVerifier,
+    databases: Databases,
+    nats: async_nats::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AppState> {
     let js = async_nats::jetstream::new(nats.clone());
     // This gateway's name in policy reports and as a socket node in presence.
     let gateway_id = format!("gateway-{}", uuid::Uuid::new_v4().simple());
@@ -69,43 +88,62 @@ pub async fn router(
     .start(shutdown.clone())
     .await?;
 
-    let subscription = nats.subscribe(FACTS_INVALIDATE_SUBJECT).await?;
     let facts = state.facts.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = facts.listen(subscription) => {}
-            () = stop.cancelled() => {}
-        }
-    });
-    let history_changes = nats
-        .subscribe(hotpath_core::names::HISTORY_INVALIDATE_SUBJECT)
-        .await?;
+    until(
+        &shutdown,
+        facts.listen(nats.subscribe(FACTS_INVALIDATE_SUBJECT).await?),
+    );
     let history_pages = state.history_pages.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = history_pages.listen(history_changes) => {}
-            () = stop.cancelled() => {}
-        }
-    });
+    until(
+        &shutdown,
+        history_pages.listen(nats.subscribe(HISTORY_INVALIDATE_SUBJECT).await?),
+    );
     let limits = [
         state.rate_limit.clone(),
         state.ack_rate.clone(),
         state.membership_rate.clone(),
     ];
+    until(
+        &shutdown,
+        futures::future::join_all(limits.map(|limit| limit.housekeeping())),
+    );
+    Ok(state)
+}
+
+/// Runs `work` on its own task until it ends or `shutdown` is cancelled.
+fn until<F>(shutdown: &CancellationToken, work: F)
+where
+    F: Future + Send + 'static,
+{
+    let stop = shutdown.clone();
     tokio::spawn(async move {
-        let housekeeping = futures::future::join_all(limits.map(|limit| limit.housekeeping()));
         tokio::select! {
-            _ = housekeeping => {}
-            () = shutdown.cancelled() => {}
+            _ = work => {}
+            () = stop.cancelled() => {}
         }
     });
+}
 
-    Ok(Router::new()
-        .route("/v1/messages", post(routes::send::send))
+/// The route table, and the layers every request goes through.
+///
+/// Layers, outermost first: the log of every rejection ([`http::rejections`]), then the body
+/// gap timeout (no gap in a request body longer than the body timeout; [`http::BoundedJson`]
+/// also bounds the whole body by it). The send route has its own layer, which counts and
+/// times each answer (`producer_*` metrics); `route_layer` keeps it off the 405 of a wrong
+/// method, as before. Connection-level limits (header and idle timeouts, the connection cap)
+/// are the server's ([`server`]), beneath the router.
+fn routes(state: AppState) -> Router {
+    let send = post(routes::send::send).route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        routes::send::measured,
+    ));
+    Router::new()
+        .route("/v1/messages", send)
         .route("/v1/messages/{id}/status", get(routes::status::status))
-        .route("/v1/conversations", post(routes::conversations::create))
+        .route(
+            "/v1/conversations",
+            post(routes::conversations::create).get(routes::conversations::list),
+        )
         .route(
             "/v1/conversations/{id}/messages",
             get(routes::status::history),
@@ -142,9 +180,15 @@ pub async fn router(
         .route("/metrics", get(routes::health::metrics))
         .route("/v1/openapi.json", get(routes::health::openapi))
         .route("/live", get(routes::health::live_page))
+        .route("/", get(routes::webclient::index))
+        .route("/app/{file}", get(routes::webclient::asset))
         .fallback(http::not_found)
-        // No gap in any request body longer than the body timeout; `http::read_json` also
-        // bounds the whole body by it.
-        .layer(RequestBodyTimeoutLayer::new(body_timeout))
-        .with_state(state))
+        .layer(
+            ServiceBuilder::new()
+                .layer(middleware::from_fn(http::rejections::log_rejections))
+                .layer(RequestBodyTimeoutLayer::new(
+                    state.config.http_body_timeout(),
+                )),
+        )
+        .with_state(state)
 }

@@ -1,8 +1,10 @@
-//! The producer's metrics, with the seed's names and labels.
+//! The producer's metrics, with the seed's names and labels: what the send path accepted and
+//! turned down, and how long each answer took (HTTP sends and WebSocket `send` frames alike).
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 
+use hotpath_core::domain::{ContentType, ConversationKind, Priority};
 use hotpath_core::rejection::Rejection;
 use hotpath_core::telemetry::{FAST_MS_BUCKETS, meter};
 
@@ -33,35 +35,40 @@ impl ProducerMetrics {
         }
     }
 
+    /// One message accepted onto the stream.
     pub fn enqueued(
         &self,
-        conversation_type: &str,
-        content_type: &str,
-        priority: &str,
-        millis: f64,
+        conversation_type: ConversationKind,
+        content_type: &ContentType,
+        priority: &Priority,
     ) {
         self.enqueued.add(
             1,
             &[
-                KeyValue::new("conversation_type", conversation_type.to_string()),
-                KeyValue::new("content_type", content_type.to_string()),
-                KeyValue::new("priority", priority.to_string()),
+                KeyValue::new("conversation_type", conversation_type.as_str()),
+                KeyValue::new("content_type", content_type.label()),
+                KeyValue::new("priority", priority.label()),
             ],
         );
-        self.duration_ms
-            .record(millis, &[KeyValue::new("status", "success")]);
     }
 
-    pub fn rejected(&self, rejection: &Rejection, millis: f64) {
-        self.rejected.add(
-            1,
-            &[
-                KeyValue::new("reason", rejection.telemetry_label()),
-                KeyValue::new("status_code", rejection.status().to_string()),
-            ],
-        );
+    /// One send answered after `millis`: accepted, or turned down with `rejection`.
+    pub fn answered(&self, rejection: Option<&Rejection>, millis: f64) {
+        let status = match rejection {
+            None => "success",
+            Some(rejection) => {
+                self.rejected.add(
+                    1,
+                    &[
+                        KeyValue::new("reason", rejection.telemetry_label()),
+                        KeyValue::new("status_code", rejection.status().to_string()),
+                    ],
+                );
+                "rejected"
+            }
+        };
         self.duration_ms
-            .record(millis, &[KeyValue::new("status", "rejected")]);
+            .record(millis, &[KeyValue::new("status", status)]);
     }
 }
 

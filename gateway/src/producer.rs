@@ -2,7 +2,8 @@
 //!
 //! Publishes are pipelined: each request sends its message and awaits its own PubAck, with
 //! no lock and no one-at-a-time round trip, so thousands can be in flight on one connection.
-//! Every publish carries `Nats-Msg-Id` = the idempotency key, and the PubAck's `duplicate`
+//! Every publish carries `Nats-Msg-Id` = the idempotency key (and the trace context, see
+//! [`crate::trace`]), and the PubAck's `duplicate`
 //! flag tells a repeated key apart from a first send (whether it is a retry is decided by
 //! [`crate::duplicates`], which reads the kept message back with [`Producer::kept`]). If NATS
 //! is down or the stream refuses the message, the caller learns it within the publish timeout,
@@ -13,7 +14,9 @@
 
 use std::time::{Duration, Instant};
 
+use async_nats::HeaderMap;
 use async_nats::connection::State;
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::DirectGetErrorKind;
@@ -23,8 +26,10 @@ use hotpath_core::names::{message_subject, partition_of, receipt_subject};
 use hotpath_core::receipts::Receipt;
 use hotpath_core::rejection::Rejection;
 use opentelemetry::KeyValue;
+use tracing::Instrument as _;
 
 use crate::backlog::Backlog;
+use crate::trace;
 use opentelemetry::metrics::Histogram;
 
 /// What JetStream said about a publish.
@@ -84,14 +89,19 @@ impl Producer {
         let subject = message_subject(partition);
         let payload = envelope.encode();
         let payload_bytes = payload.len();
+        let span = trace::publish_span(&subject, envelope);
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, envelope.idempotency_key.as_str());
+        trace::inject(&span, &mut headers);
         let message = PublishMessage::build()
             .payload(payload.into())
-            .message_id(&envelope.idempotency_key);
+            .headers(headers);
 
         let outcome = tokio::time::timeout(self.timeout, async {
             let ack: PublishAckFuture = self.js.send_publish(subject.clone(), message).await?;
             ack.await
         })
+        .instrument(span)
         .await;
         let status = match &outcome {
             Ok(Ok(_)) => "ok",
@@ -153,9 +163,12 @@ impl Producer {
             return Err(unavailable("the receipt stream is unreachable"));
         }
         let partition = partition_of(&receipt.conversation_id.to_string(), self.partitions);
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, receipt.msg_id());
+        trace::inject(&tracing::Span::current(), &mut headers);
         let message = PublishMessage::build()
             .payload(receipt.encode().into())
-            .message_id(receipt.msg_id());
+            .headers(headers);
         let outcome = tokio::time::timeout(self.timeout, async {
             self.js
                 .send_publish(receipt_subject(partition), message)

@@ -12,15 +12,32 @@
 //! * CI runs as root and Postgres refuses to: Postgres then runs as the `postgres` system
 //!   user, switched to in the forked child (module `postgres`).
 //!
+//! Besides the development nats-server that lets anyone in ([`NatsServer`]), a
+//! [`NatsCluster`] runs the production configuration of `nats/cluster/` (one node or a
+//! three-node JetStream cluster, with the least-privilege accounts and fresh nkey users).
+//!
 //! Servers listen on 127.0.0.1 only, and log (stdout and stderr, appended) into their
 //! directory.
+//!
+//! A persistent stack records the ports it chose in its directory ([`Ports`]), which is how
+//! the tools that talk to it find it. [`OwnedChild`] starts any other program under the same
+//! rule (`hotpath up` runs each role as one).
 
+// Small functions read as their steps (see clippy.toml).
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
+
+mod child;
+mod cluster;
 mod nats;
+mod ports;
 mod postgres;
 mod process;
 mod spawner;
 
+pub use child::OwnedChild;
+pub use cluster::{Health, NatsCluster, NatsNode, NatsRole, NodePorts};
 pub use nats::{NatsOptions, NatsServer, find_nats_server, nats_server_version};
+pub use ports::{Member, Mode, Ports};
 pub use postgres::Postgres;
 
 /// A port that was free on 127.0.0.1 a moment ago (bound to port 0, then released).

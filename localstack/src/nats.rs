@@ -1,7 +1,7 @@
 //! A local nats-server with JetStream.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -178,6 +178,16 @@ impl NatsServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The exit status of a server that ended by itself (killed from outside, crashed);
+    /// `None` while it runs, and after [`NatsServer::stop`] or [`NatsServer::kill`]. A
+    /// supervisor polls this and calls [`NatsServer::restart`].
+    pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
     /// SIGTERM, wait up to 10 s, then SIGKILL. Does nothing if the server is not running.
     pub async fn stop(&mut self) -> Result<()> {
         let Some(child) = self.child.as_mut() else {
@@ -325,7 +335,7 @@ async fn probe(port: u16) -> Result<()> {
 }
 
 /// A path as a double-quoted nats config string.
-fn quote_path(path: &Path) -> Result<String> {
+pub(crate) fn quote_path(path: &Path) -> Result<String> {
     let text = path
         .to_str()
         .with_context(|| format!("{} is not valid UTF-8", path.display()))?;
@@ -333,7 +343,7 @@ fn quote_path(path: &Path) -> Result<String> {
 }
 
 /// A double-quoted nats config string.
-fn quote(text: &str) -> Result<String> {
+pub(crate) fn quote(text: &str) -> Result<String> {
     if text.contains(['\n', '\r']) {
         bail!("{text:?} contains a line break");
     }

@@ -19,7 +19,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -116,6 +116,21 @@ impl Postgres {
     /// The postmaster's pid while it runs (`None` after `stop`/`kill`).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The cluster's data directory (`<dir>/pgdata`): what `pg_ctl -D` takes.
+    pub fn data_dir(&self) -> &Path {
+        &self.pgdata
+    }
+
+    /// The exit status of a postmaster that ended by itself (stopped or killed from outside);
+    /// `None` while it runs, and after [`Postgres::stop`] or [`Postgres::kill`]. A supervisor
+    /// polls this and calls [`Postgres::restart`], which clears what a killed cluster left.
+    pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
     }
 
     /// Fast shutdown (SIGINT: abort transactions, checkpoint, exit), waiting up to 15 s,

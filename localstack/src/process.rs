@@ -13,7 +13,7 @@ use tokio::time::{Instant, sleep};
 
 /// How often a child is polled for exit. Children are `std::process::Child`ren (they have to
 /// be forked by the spawner thread), so tokio's SIGCHLD-driven waiting is not available.
-const POLL: Duration = Duration::from_millis(20);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 
 /// How long we wait for a process to disappear after SIGKILL before reporting it stuck.
 pub(crate) const KILL_WAIT: Duration = Duration::from_secs(10);

@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hotpath_localstack::{
-    NatsOptions, NatsServer, Postgres, find_nats_server, free_port, nats_server_version,
+    Health, NatsCluster, NatsOptions, NatsRole, NatsServer, Postgres, find_nats_server, free_port,
+    nats_server_version,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -163,6 +164,50 @@ async fn nats_starts_survives_kill_and_restarts() {
     drop(nats);
     assert!(!alive(pid));
     assert!(tmp.path().join("jetstream").is_dir());
+    assert_no_processes(tmp.path());
+}
+
+#[tokio::test]
+async fn one_node_runs_the_production_files_with_fresh_users_and_no_anonymous_access() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut nats = NatsCluster::start(tmp.path(), 1)
+        .await
+        .expect("one node starts");
+    let node = nats.node(0);
+    assert_eq!(nats.urls(), node.url());
+    let info = read_info(node.ports().client).await.expect("INFO");
+    assert!(info.contains("\"server_name\":\"hotpath-0\""), "{info}");
+    assert!(info.contains("\"auth_required\":true"), "{info}");
+    assert!(info.contains("\"jetstream\":true"), "{info}");
+
+    // The very files of nats/cluster/, unchanged.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats/cluster");
+    for file in ["node.conf", "nats-server.conf", "accounts.conf"] {
+        let shipped = std::fs::read(repo.join(file)).expect("shipped file");
+        let used = std::fs::read(nats.dir().join("conf").join(file)).expect("written file");
+        assert_eq!(shipped, used, "{file}");
+    }
+    // One seed per user, readable by its owner only.
+    for role in NatsRole::ALL {
+        let creds = nats.creds(role);
+        let mode = std::fs::metadata(&creds)
+            .expect("seed file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", creds.display());
+        let seed = std::fs::read_to_string(&creds).expect("seed");
+        assert!(seed.starts_with("SU"), "{role:?}'s file holds a user seed");
+    }
+
+    let before = nats.node(0).pid().expect("running");
+    nats.node_mut(0).kill().await.expect("kill");
+    assert!(!alive(before));
+    nats.node_mut(0).restart().await.expect("restart");
+    nats.node_mut(0)
+        .wait_healthy(Health::Current, Duration::from_secs(30))
+        .await
+        .expect("current again");
+    drop(nats);
     assert_no_processes(tmp.path());
 }
 

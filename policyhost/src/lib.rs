@@ -16,6 +16,8 @@
 //! * [`input_json`] builds the ABI input, so the gateway and the tests build it the same way.
 //! * [`run_vectors`] runs a policy's test vectors, the gate before a module is activated.
 
+// Small functions read as their steps (see clippy.toml).
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 #![forbid(unsafe_code)]
 
 mod engine;
@@ -42,9 +44,10 @@ pub const MAX_OUTPUT_BYTES: usize = 64 << 10;
 /// The longest `message` a rejecting policy may give, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 1000;
 
-/// The CPU budget of one evaluation (instantiation included), measured on the evaluating
-/// thread: time the thread spends descheduled does not count, so a busy host does not fail
-/// healthy policies.
+/// The CPU budget of one evaluation, measured by the evaluating thread's CPU clock while the
+/// module's code runs: time the thread spends descheduled does not count, nor does
+/// instantiation (the host's work on the instance's memory), so a busy host does not fail
+/// healthy policies. Instantiation is bounded by [`WALL_DEADLINE`].
 pub const DEADLINE: Duration = Duration::from_millis(10);
 
 /// The wall-clock backstop: however starved of CPU, an evaluation is interrupted this long after

@@ -917,6 +917,31 @@ fn the_built_policies_pass_their_vectors() {
     }
 }
 
+/// A shipped module starts with 2 MiB of memory and grows it only when a message needs more:
+/// a request of several MiB (a gateway configured with a large body limit) still gets a
+/// verdict, not a memory failure, and the next small one is judged as before.
+#[test]
+fn a_shipped_policy_grows_its_memory_for_a_large_message() {
+    let Ok(module) = std::fs::read(dist().join("schema.wasm")) else {
+        panic!(
+            "schema.wasm is not in {}: run policies/build.sh",
+            dist().display()
+        );
+    };
+    let schema = engine()
+        .load("schema", &module, OnError::Deny)
+        .expect("schema.wasm loads");
+    let request = |blob: usize| {
+        json!({"conversationId": "3f1c2a4e-8b1d-4c6f-9e2a-5d7b8c9e0f11",
+               "content": "hi", "contentType": "text",
+               "metadata": {"blob": "x".repeat(blob)}})
+    };
+    let large = schema.evaluate(&input_json("alice", &request(3 << 20), None, []));
+    assert!(failure_kind(&large).is_none(), "a 3 MiB request: {large:?}");
+    let small = schema.evaluate(&input_json("alice", &request(10), None, []));
+    assert_eq!(small, Evaluation::Allow);
+}
+
 // ---- cost, for information ----
 
 /// Times `runs` evaluations (after a warm-up) and prints the average; asserts nothing about it.

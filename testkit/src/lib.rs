@@ -15,7 +15,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+pub mod cluster;
 pub mod fcm;
+pub mod gateway;
 pub mod push;
 pub mod receipts;
 pub mod ws;
@@ -101,9 +103,15 @@ pub struct System {
 /// consumer happen within a test's patience, and a short partition lease TTL so consumers
 /// started after killed ones take over quickly.
 pub fn test_config(servers: &Servers) -> Config {
+    test_config_at(&servers.nats.url(), &servers.postgres.url())
+}
+
+/// [`test_config`] for the NATS at `nats_url` (one URL or several, comma-separated) and the
+/// Postgres at `database_url`.
+pub fn test_config_at(nats_url: &str, database_url: &str) -> Config {
     let mut config = Config::from_env().expect("default config");
-    config.nats_url = servers.nats.url();
-    config.database_url = servers.postgres.url();
+    config.nats_url = nats_url.to_string();
+    config.database_url = database_url.to_string();
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.jwt_secret = Some(SECRET.to_string());
     config.jwt_secret_file = None;
@@ -234,6 +242,11 @@ impl System {
             .await
             .expect("test connects to NATS");
         async_nats::jetstream::new(client)
+    }
+
+    /// Where the operator commands (`hotpath policy`, `dlq`, `replay`) find this system's NATS.
+    pub fn nats_target(&self) -> hotpath::nats_target::NatsTarget {
+        hotpath::nats_target::NatsTarget::new(self.config.nats_url.clone(), None)
     }
 
     pub fn token(&self, user: &str) -> String {
@@ -413,4 +426,41 @@ pub async fn assert_gap_free_in_acceptance_order(pool: &PgPool) -> usize {
         "conversations.last_seq disagrees with the stored messages"
     );
     rows.len()
+}
+
+/// Waits until a `hotpath up` started with a piped stdout prints its banner ("Hotpath is up"),
+/// reading its stdout on a thread of its own; panics if it has not within `within`.
+pub fn await_up_banner(child: &mut std::process::Child, within: Duration) {
+    use std::io::{BufRead as _, BufReader};
+    let stdout = child.stdout.take().expect("hotpath up's stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("Hotpath is up") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(within).is_err() {
+        panic!("hotpath up printed no banner within {within:?}");
+    }
+}
+
+/// A development token for `user` from `hotpath token` (the binary at `bin`), signed with the
+/// secret `hotpath up` keeps in `data_dir`.
+pub fn hotpath_token(bin: &str, data_dir: &std::path::Path, user: &str) -> String {
+    let output = std::process::Command::new(bin)
+        .args(["token", user, "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("hotpath token runs");
+    assert!(
+        output.status.success(),
+        "hotpath token: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .expect("the token is UTF-8")
+        .trim()
+        .to_string()
 }

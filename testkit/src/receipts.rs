@@ -6,8 +6,9 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
+use hotpath_core::domain::{DlqSource, ReceiptState};
 use hotpath_core::names;
-use hotpath_core::receipts::{Receipt, ReceiptState};
+use hotpath_core::receipts::Receipt;
 use sqlx::PgPool;
 use sqlx::types::chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -150,11 +151,10 @@ pub async fn wait_until_settled(js: &jetstream::Context) {
     panic!("the receipts consumer still has work: (pending, in hand) = {last:?}");
 }
 
-/// The DLQ entries from `source` (`receipts`, `messages`, …; every source with `None`),
-/// oldest first.
+/// The DLQ entries from `source` (every source with `None`), oldest first.
 pub async fn dead_letters(
     js: &jetstream::Context,
-    source: Option<&str>,
+    source: Option<DlqSource>,
 ) -> Vec<hotpath::dlq::Entry> {
     hotpath::dlq::list(js, source, 1000)
         .await

@@ -32,10 +32,26 @@ pub async fn connect(system: &System, base: &str, user: &str) -> Socket {
     socket
 }
 
+/// Pings and waits for the pong. Live frames that reach a just-registered socket first (the
+/// fanout, state changes and receipts of messages sent before it connected) are passed over: a
+/// reconnecting client catches up on them with `sync`.
 pub async fn ping(socket: &mut Socket) {
     send_frame(socket, json!({"type": "ping", "reqId": "ready"})).await;
-    let pong = next_frame(socket).await;
+    let mut pong = next_frame(socket).await;
+    while pong["type"] != "pong" {
+        pong = next_frame(socket).await;
+    }
     assert_eq!(pong, json!({"type": "pong", "reqId": "ready"}));
+}
+
+/// Pings and asserts that the pong is the very next frame: nothing else was on its way to the
+/// socket.
+pub async fn assert_quiet(socket: &mut Socket) {
+    send_frame(socket, json!({"type": "ping", "reqId": "quiet"})).await;
+    assert_eq!(
+        next_frame(socket).await,
+        json!({"type": "pong", "reqId": "quiet"})
+    );
 }
 
 pub async fn send_frame(socket: &mut Socket, frame: Value) {

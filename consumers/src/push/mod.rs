@@ -18,12 +18,12 @@
 pub mod apns;
 pub mod breaker;
 pub mod fcm;
+mod metrics;
 pub mod payload;
 pub mod schedule;
 pub mod worker;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,34 +32,9 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// A push provider, as a device registered for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Platform {
-    Apns,
-    Fcm,
-}
+pub(crate) use metrics::PushMetrics;
 
-impl Platform {
-    pub const ALL: [Platform; 2] = [Platform::Apns, Platform::Fcm];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Platform::Apns => "apns",
-            Platform::Fcm => "fcm",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Platform> {
-        Platform::ALL.into_iter().find(|p| p.as_str() == text)
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use hotpath_core::domain::Platform;
 
 /// One task in the `PUSH` stream: tell `user_id`'s devices of `platform` about a message.
 /// The message itself is read from Postgres when the task runs (it is stored before any task

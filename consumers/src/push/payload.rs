@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use hotpath_core::domain::{ContentType, Priority};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -38,10 +39,10 @@ pub struct StoredMessage {
     pub seq: i64,
     pub sender_id: String,
     pub content: String,
-    /// "text", "image", "file", ...: only text is shown in a push.
-    pub content_type: String,
-    /// "low", "normal" or "high".
-    pub priority: String,
+    /// Only text is shown in a push; anything else, known or not, is an attachment.
+    pub content_type: ContentType,
+    /// Only `low` is sent without urgency; an unknown priority is urgent, like `normal`.
+    pub priority: Priority,
     /// The conversation's setting: false keeps content out of pushes.
     pub push_preview: bool,
 }
@@ -55,7 +56,7 @@ pub fn notification(
 ) -> Notification {
     let body = if !message.push_preview {
         NEUTRAL_BODY.to_string()
-    } else if message.content_type != "text" {
+    } else if message.content_type != ContentType::Text {
         ATTACHMENT_BODY.to_string()
     } else {
         let text = single_line(&message.content);
@@ -79,7 +80,7 @@ pub fn notification(
         body,
         preview: message.push_preview,
         badge,
-        high_priority: message.priority != "low",
+        high_priority: message.priority != Priority::Low,
         expires_at,
     }
 }

@@ -17,29 +17,33 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
+use hotpath_core::announcements::{Announcement, DevicesChanged};
 use hotpath_core::envelope::Envelope;
 use hotpath_core::names::{DEVICES_CHANGED_SUBJECT, push_subject, push_task_msg_id};
 use moka::future::Cache;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Span;
 
-use super::{Platform, PushTask};
-use crate::fanout::PresenceLookup;
-use crate::metrics::DeliveryMetrics;
+use super::{Platform, PushMetrics, PushTask};
+use crate::backoff::{self, Backoff};
+use crate::presence::PresenceLookup;
+use crate::store::devices;
 
 /// Longest the scheduling step may hold up a batch's acknowledgement.
 const SCHEDULE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Presence lookups in flight at once.
-const LOOKUP_CONCURRENCY: usize = 32;
 
 #[derive(Clone)]
 pub struct PushScheduler {
     pool: PgPool,
     js: jetstream::Context,
     presence: PresenceLookup,
-    metrics: DeliveryMetrics,
+    metrics: PushMetrics,
     /// User id → the platforms they have devices on (empty: none).
     devices: Cache<String, Arc<[Platform]>>,
 }
@@ -65,17 +69,12 @@ impl Why {
 }
 
 impl PushScheduler {
-    pub fn new(
-        pool: PgPool,
-        js: jetstream::Context,
-        presence: PresenceLookup,
-        metrics: DeliveryMetrics,
-    ) -> PushScheduler {
+    pub fn new(pool: PgPool, js: jetstream::Context, presence: PresenceLookup) -> PushScheduler {
         PushScheduler {
             pool,
             js,
             presence,
-            metrics,
+            metrics: PushMetrics::new(),
             devices: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(DEVICES_CACHE_TTL)
@@ -86,17 +85,13 @@ impl PushScheduler {
     /// Drops cached device knowledge of the users named on `hotpath.devices.changed` until
     /// `shutdown`. Runs for as long as the consumers do.
     pub async fn listen_for_device_changes(&self, shutdown: CancellationToken) {
-        let mut changes = loop {
-            match self.js.client().subscribe(DEVICES_CHANGED_SUBJECT).await {
-                Ok(changes) => break changes,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot follow device changes; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            }
+        let client = self.js.client();
+        let subscribe = || async { Ok(client.subscribe(DEVICES_CHANGED_SUBJECT).await?) };
+        let backoff = Backoff::fixed(Duration::from_secs(1));
+        let what = "the device changes subscription";
+        let Some(mut changes) = backoff::until_set_up(what, backoff, &shutdown, subscribe).await
+        else {
+            return;
         };
         loop {
             let change = tokio::select! {
@@ -104,11 +99,8 @@ impl PushScheduler {
                 () = shutdown.cancelled() => return,
             };
             let Some(change) = change else { return };
-            let user = serde_json::from_slice::<serde_json::Value>(&change.payload)
-                .ok()
-                .and_then(|v| v.get("userId")?.as_str().map(str::to_string));
-            if let Some(user) = user {
-                self.devices.invalidate(&user).await;
+            if let Ok(changed) = DevicesChanged::decode(&change.payload) {
+                self.devices.invalidate(&changed.user_id).await;
             }
         }
     }
@@ -130,19 +122,12 @@ impl PushScheduler {
             }
         }
         if !unknown.is_empty() {
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "SELECT DISTINCT user_id, platform FROM devices WHERE user_id = ANY($1)",
-            )
-            .bind(&unknown)
-            .fetch_all(&self.pool)
-            .await?;
+            let rows = devices::platforms_of(&self.pool, &unknown).await?;
             let mut found: HashMap<&str, Vec<Platform>> =
                 unknown.iter().map(|&user| (user, Vec::new())).collect();
             for (user, platform) in &rows {
-                if let (Some(list), Some(platform)) =
-                    (found.get_mut(user.as_str()), Platform::parse(platform))
-                {
-                    list.push(platform);
+                if let Some(list) = found.get_mut(user.as_str()) {
+                    list.push(*platform);
                 }
             }
             for (user, platforms) in found {
@@ -157,9 +142,10 @@ impl PushScheduler {
         Ok(known)
     }
 
-    /// Schedules the pushes of `messages` (stored by this batch or before it). Never fails:
-    /// what could not be scheduled is logged and counted.
-    pub async fn schedule(&self, messages: &[&Envelope]) {
+    /// Schedules the pushes of `messages` (stored by this batch or before it; each with its
+    /// `persist` span, whose trace the task continues). Never fails: what could not be
+    /// scheduled is logged and counted.
+    pub async fn schedule(&self, messages: &[(&Envelope, &Span)]) {
         if messages.is_empty() {
             return;
         }
@@ -167,55 +153,30 @@ impl PushScheduler {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 tracing::warn!(error = format!("{error:#}"), "push scheduling failed");
-                self.metrics.push_failed("enqueue_failed", 1);
+                self.metrics.failed.add("enqueue_failed", 1);
             }
             Err(_) => {
                 tracing::warn!("push scheduling timed out");
-                self.metrics.push_failed("enqueue_timeout", 1);
+                self.metrics.failed.add("enqueue_timeout", 1);
             }
         }
     }
 
-    async fn try_schedule(&self, messages: &[&Envelope]) -> anyhow::Result<()> {
-        let recipients: BTreeSet<&str> = messages
-            .iter()
-            .flat_map(|envelope| {
-                envelope
-                    .recipient_ids
-                    .iter()
-                    .filter(|r| **r != envelope.sender_id)
-                    .map(String::as_str)
-            })
-            .collect();
+    /// Publishes a task per offline recipient with devices and platform they have devices
+    /// on, then counts what the stream stored.
+    async fn try_schedule(&self, messages: &[(&Envelope, &Span)]) -> anyhow::Result<()> {
+        let recipients = recipients(messages);
         if recipients.is_empty() {
             return Ok(());
         }
-        let recipients: Vec<&str> = recipients.into_iter().collect();
         let platforms = self.platforms(&recipients).await?;
         if platforms.is_empty() {
             return Ok(());
         }
-
-        // Who of them is offline now.
-        let offline: HashMap<String, Why> = futures::stream::iter(platforms.keys().cloned())
-            .map(|user_id| {
-                let presence = self.presence.clone();
-                async move {
-                    let why = match presence.sockets(&user_id).await {
-                        Ok(0) => Some(Why::Offline),
-                        Ok(_) => None,
-                        Err(_) => Some(Why::PresenceUnknown),
-                    };
-                    (user_id, why)
-                }
-            })
-            .buffer_unordered(LOOKUP_CONCURRENCY)
-            .filter_map(|(user_id, why)| async move { why.map(|why| (user_id, why)) })
-            .collect()
-            .await;
+        let offline = self.offline(platforms.keys().cloned()).await;
 
         let mut acks = Vec::new();
-        for envelope in messages {
+        for &(envelope, span) in messages {
             for recipient in &envelope.recipient_ids {
                 if *recipient == envelope.sender_id {
                     continue;
@@ -232,32 +193,67 @@ impl PushScheduler {
                         user_id: recipient.clone(),
                         platform,
                     };
+                    let mut headers = HeaderMap::new();
+                    let msg_id =
+                        push_task_msg_id(&envelope.message_id.to_string(), recipient, platform);
+                    headers.insert(NATS_MESSAGE_ID, msg_id);
+                    hotpath_core::trace::inject(span, &mut headers);
                     let message = PublishMessage::build()
                         .payload(serde_json::to_vec(&task)?.into())
-                        .message_id(push_task_msg_id(
-                            &envelope.message_id.to_string(),
-                            recipient,
-                            platform.as_str(),
-                        ));
+                        .headers(headers);
                     let ack = self
                         .js
-                        .send_publish(push_subject(platform.as_str()), message)
+                        .send_publish(push_subject(platform), message)
                         .await?;
                     acks.push((*why, ack));
                 }
             }
         }
+        self.count_stored(acks).await;
+        Ok(())
+    }
+
+    /// Who of `users` is offline now, and why they count as such.
+    async fn offline(&self, users: impl IntoIterator<Item = String>) -> HashMap<String, Why> {
+        self.presence
+            .sockets_of(users)
+            .await
+            .into_iter()
+            .filter_map(|(user_id, sockets)| match sockets {
+                Ok(0) => Some((user_id, Why::Offline)),
+                Ok(_) => None,
+                Err(_) => Some((user_id, Why::PresenceUnknown)),
+            })
+            .collect()
+    }
+
+    /// Awaits the stream's acknowledgement of each task published, counting the new ones.
+    async fn count_stored(&self, acks: Vec<(Why, PublishAckFuture)>) {
         for (why, ack) in acks {
             match ack.await {
                 // A second copy of a task (a batch processed again) is not a new push.
                 Ok(ack) if ack.duplicate => {}
-                Ok(_) => self.metrics.push_enqueued(why.label()),
+                Ok(_) => self.metrics.enqueued.add(why.label(), 1),
                 Err(error) => {
                     tracing::warn!(%error, "push task not stored");
-                    self.metrics.push_failed("enqueue_failed", 1);
+                    self.metrics.failed.add("enqueue_failed", 1);
                 }
             }
         }
-        Ok(())
     }
+}
+
+/// The recipients of `messages` other than their senders, each once, in a stable order.
+fn recipients<'a>(messages: &[(&'a Envelope, &Span)]) -> Vec<&'a str> {
+    let recipients: BTreeSet<&str> = messages
+        .iter()
+        .flat_map(|&(envelope, _)| {
+            envelope
+                .recipient_ids
+                .iter()
+                .filter(|r| **r != envelope.sender_id)
+                .map(String::as_str)
+        })
+        .collect();
+    recipients.into_iter().collect()
 }

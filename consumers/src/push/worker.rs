@@ -29,20 +29,21 @@ use async_nats::jetstream::{self, AckKind, Message};
 use chrono::Utc;
 use futures::StreamExt;
 use hotpath_core::config::Config;
-use hotpath_core::names::PUSH_STREAM;
+use hotpath_core::domain::DlqSource;
 use hotpath_core::streams::ensure_push_consumer;
-use opentelemetry::KeyValue;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, Span};
 use uuid::Uuid;
 
 use super::breaker::{Breaker, Permit};
 use super::payload::{self, StoredMessage};
-use super::{Device, Platform, PushOutcome, PushSender, PushTask, Senders};
-use crate::dlq::{self, DeadLetter};
+use super::{Device, Platform, PushMetrics, PushOutcome, PushSender, PushTask, Senders};
+use crate::backoff::{self, Backoff};
+use crate::dlq::DeadLetterQueue;
 use crate::fetch;
-use crate::metrics::DeliveryMetrics;
+use crate::store::{devices, messages, push_deliveries};
 
 /// How long `push_deliveries` remembers a push: replaying a task older than this may push a
 /// device a second time.
@@ -53,6 +54,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// Most tasks whose untried deliveries a worker keeps count of.
 const MAX_DEFERRED_TRACKED: usize = 65_536;
+/// The wait between tries to set up or pull from the consumer, and the longest look at an
+/// open breaker before checking it again.
+const PULL_RETRY: Duration = Duration::from_secs(1);
 /// Delay for a task that could not be looked at (Postgres unavailable).
 const STORAGE_RETRY: Duration = Duration::from_secs(5);
 
@@ -66,7 +70,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let js = jetstream::new(nats);
-    let metrics = DeliveryMetrics::new();
+    let metrics = PushMetrics::new();
+    let dlq = DeadLetterQueue::new(js.clone(), DlqSource::Push);
     for platform in Platform::ALL {
         if !senders.contains_key(&platform) {
             tracing::info!(
@@ -91,6 +96,7 @@ pub async fn run(
             ttl: config.push_ttl(),
             attempt_timeout: config.push_request_timeout() + Duration::from_secs(10),
             metrics: metrics.clone(),
+            dlq: dlq.clone(),
             deferred: Mutex::new(HashMap::new()),
         };
         let shutdown = shutdown.clone();
@@ -116,11 +122,44 @@ struct PlatformWorker {
     ttl: Duration,
     /// Backstop on one attempt at a task (reading Postgres and every device's request).
     attempt_timeout: Duration,
-    metrics: DeliveryMetrics,
+    metrics: PushMetrics,
+    /// `dlq.push`: tasks that will never be sent.
+    dlq: DeadLetterQueue,
     /// Per task in hand (stream sequence), how many of its deliveries were handed back untried
     /// (breaker open, Postgres away): its retry schedule counts tries, not deliveries. Lost on
     /// restart, which only makes the schedule shorter; bounded by `MAX_DEFERRED_TRACKED`.
     deferred: Mutex<HashMap<u64, i64>>,
+}
+
+/// The devices' answers to one attempt that decide what becomes of the task.
+#[derive(Default)]
+struct Answers {
+    /// Why devices must be tried again.
+    retry: Vec<String>,
+    /// The longest Retry-After any provider answer asked for.
+    retry_after: Option<Duration>,
+    /// Why devices refused the push for good.
+    rejected: Vec<String>,
+}
+
+impl Answers {
+    /// A retry if any device needs one (with every reason), else rejected if any device
+    /// refused, else done.
+    fn into_attempt(mut self) -> Attempt {
+        if !self.retry.is_empty() {
+            self.retry.extend(self.rejected);
+            Attempt::Retry {
+                reasons: self.retry.join("; "),
+                retry_after: self.retry_after,
+            }
+        } else if !self.rejected.is_empty() {
+            Attempt::Rejected {
+                reasons: self.rejected.join("; "),
+            }
+        } else {
+            Attempt::Done
+        }
+    }
 }
 
 /// What one attempt at a task came to.
@@ -139,36 +178,40 @@ enum Attempt {
     Unreadable(String),
 }
 
+impl Attempt {
+    /// The `outcome` of the task's `push` span.
+    fn label(&self) -> &'static str {
+        match self {
+            Attempt::Done => "done",
+            Attempt::Retry { .. } => "retry",
+            Attempt::Rejected { .. } => "rejected",
+            Attempt::Unreadable(_) => "unreadable",
+        }
+    }
+}
+
 impl PlatformWorker {
     async fn run(self, shutdown: CancellationToken) {
         let platform = self.platform.as_str();
-        let consumer = loop {
-            match ensure_push_consumer(&self.js, platform).await {
-                Ok(consumer) => break consumer,
-                Err(error) => tracing::warn!(
-                    platform,
-                    error = format!("{error:#}"),
-                    "cannot set up the push consumer; retrying"
-                ),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = shutdown.cancelled() => return,
-            }
+        let what = format!("the push consumer of {platform}");
+        let setup = || ensure_push_consumer(&self.js, self.platform);
+        let Some(consumer) =
+            backoff::until_set_up(&what, Backoff::fixed(PULL_RETRY), &shutdown, setup).await
+        else {
+            return;
         };
+        let mut pull_retry = Backoff::fixed(PULL_RETRY);
         tracing::info!(platform, "push worker running");
-        let label = [KeyValue::new("platform", platform)];
         while !shutdown.is_cancelled() {
             // An open breaker: pull nothing, let the tasks wait in the stream.
             if let Some(wait) = self.breaker.holding_off(Instant::now()) {
-                self.metrics.push_breaker_open.record(1, &label);
-                tokio::select! {
-                    () = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
-                    () = shutdown.cancelled() => break,
+                self.metrics.breaker_open(platform, true);
+                if !backoff::sleep(wait.min(PULL_RETRY), &shutdown).await {
+                    break;
                 }
                 continue;
             }
-            self.metrics.push_breaker_open.record(0, &label);
+            self.metrics.breaker_open(platform, false);
             let fetched = tokio::select! {
                 fetched = fetch::next_batch(&consumer, self.concurrency) => fetched,
                 () = shutdown.cancelled() => break,
@@ -178,16 +221,21 @@ impl PlatformWorker {
                 .await;
             if let Some(error) = fetched.error {
                 tracing::warn!(platform, %error, "push fetch failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = shutdown.cancelled() => break,
+                if !pull_retry.pause(&shutdown).await {
+                    break;
                 }
             }
         }
         tracing::info!(platform, "push worker stopped");
     }
 
+    /// Handles one push task in its `push` span, which continues the task's trace.
     async fn handle(&self, message: Message) {
+        let span = crate::trace::push_span(self.platform.as_str(), message.headers.as_ref());
+        self.handle_task(message).instrument(span).await
+    }
+
+    async fn handle_task(&self, message: Message) {
         let (stream_seq, deliveries) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered),
             Err(error) => {
@@ -225,6 +273,7 @@ impl PlatformWorker {
                 }
             }
         };
+        Span::current().record("outcome", attempt.label());
         match attempt {
             Attempt::Done => {
                 self.forget_deferrals(stream_seq);
@@ -266,6 +315,7 @@ impl PlatformWorker {
 
     /// Reads what to send and to whom, sends it, and acts on each device's answer.
     async fn attempt(&self, task: &PushTask) -> Attempt {
+        Span::current().record("message_id", tracing::field::display(task.message_id));
         let (message, devices, badge) = match self.read(task).await {
             Ok(Some(read)) => read,
             Ok(None) => {
@@ -288,64 +338,62 @@ impl PlatformWorker {
             }))
             .await;
 
-        let mut retry: Vec<String> = Vec::new();
-        let mut retry_after: Option<Duration> = None;
-        let mut rejected: Vec<String> = Vec::new();
+        let mut answers = Answers::default();
         for (device, outcome) in outcomes {
-            if let Some(label) = outcome.failure_label() {
-                self.metrics.push_failed(label, 1);
-            }
-            match outcome {
-                PushOutcome::Sent => {
-                    self.breaker.success();
-                    self.metrics.push_sent(self.platform.as_str());
-                    self.record_sent(task.message_id, &device.token).await;
-                }
-                PushOutcome::InvalidToken { reason } => {
-                    self.breaker.success();
-                    tracing::info!(
-                        platform = self.platform.as_str(),
-                        user_id = task.user_id,
-                        reason,
-                        "device token no longer valid; device removed"
-                    );
-                    self.forget_device(&task.user_id, &device.token).await;
-                }
-                PushOutcome::Rejected { reason } => {
-                    self.breaker.success();
-                    rejected.push(reason);
-                }
-                PushOutcome::Retry {
-                    reason,
-                    retry_after: asked,
-                } => {
-                    self.provider_failed(&reason);
-                    retry_after = retry_after.max(asked);
-                    retry.push(reason);
-                }
-                PushOutcome::Auth { reason } => {
-                    self.provider_failed(&reason);
-                    tracing::error!(
-                        platform = self.platform.as_str(),
-                        reason,
-                        "the provider refused our credentials"
-                    );
-                    retry.push(reason);
-                }
-            }
+            self.act_on(task, &device, outcome, &mut answers).await;
         }
-        if !retry.is_empty() {
-            retry.extend(rejected);
-            Attempt::Retry {
-                reasons: retry.join("; "),
+        answers.into_attempt()
+    }
+
+    /// Acts on one device's answer: records a sent push, deletes a dead token, feeds the
+    /// breaker, and notes in `answers` what the answer means for the task.
+    async fn act_on(
+        &self,
+        task: &PushTask,
+        device: &Device,
+        outcome: PushOutcome,
+        answers: &mut Answers,
+    ) {
+        if let Some(label) = outcome.failure_label() {
+            self.metrics.failed.add(label, 1);
+        }
+        match outcome {
+            PushOutcome::Sent => {
+                self.breaker.success();
+                self.metrics.sent.add(self.platform.as_str(), 1);
+                self.record_sent(task.message_id, &device.token).await;
+            }
+            PushOutcome::InvalidToken { reason } => {
+                self.breaker.success();
+                tracing::info!(
+                    platform = self.platform.as_str(),
+                    user_id = task.user_id,
+                    reason,
+                    "device token no longer valid; device removed"
+                );
+                self.forget_device(&task.user_id, &device.token).await;
+            }
+            PushOutcome::Rejected { reason } => {
+                self.breaker.success();
+                answers.rejected.push(reason);
+            }
+            PushOutcome::Retry {
+                reason,
                 retry_after,
+            } => {
+                self.provider_failed(&reason);
+                answers.retry_after = answers.retry_after.max(retry_after);
+                answers.retry.push(reason);
             }
-        } else if !rejected.is_empty() {
-            Attempt::Rejected {
-                reasons: rejected.join("; "),
+            PushOutcome::Auth { reason } => {
+                self.provider_failed(&reason);
+                tracing::error!(
+                    platform = self.platform.as_str(),
+                    reason,
+                    "the provider refused our credentials"
+                );
+                answers.retry.push(reason);
             }
-        } else {
-            Attempt::Done
         }
     }
 
@@ -365,50 +413,19 @@ impl PlatformWorker {
         &self,
         task: &PushTask,
     ) -> Result<Option<(StoredMessage, Vec<Device>, Option<u32>)>, sqlx::Error> {
-        let message: Option<StoredMessage> = sqlx::query_as(
-            "SELECT m.id AS message_id, m.conversation_id, m.seq, m.sender_id, m.content,
-                    m.content_type, m.priority, c.push_preview
-               FROM messages m JOIN conversations c ON c.id = m.conversation_id
-              WHERE m.id = $1",
-        )
-        .bind(task.message_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(message) = message else {
+        let Some(message) = messages::for_push(&self.pool, task.message_id).await? else {
             tracing::warn!(message_id = %task.message_id, "push task for a message that is not stored; dropped");
-            self.metrics.push_failed("message_missing", 1);
+            self.metrics.failed.add("message_missing", 1);
             return Ok(None);
         };
-        let devices: Vec<(String, String, bool)> = sqlx::query_as(
-            "SELECT d.token, d.app_id, d.sandbox FROM devices d
-              WHERE d.user_id = $1 AND d.platform = $2
-                AND NOT EXISTS (SELECT 1 FROM push_deliveries p
-                                 WHERE p.message_id = $3 AND p.token = d.token)
-              ORDER BY d.updated_at DESC",
-        )
-        .bind(&task.user_id)
-        .bind(self.platform.as_str())
-        .bind(task.message_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let platform = self.platform;
+        let devices =
+            devices::not_yet_pushed(&self.pool, &task.user_id, platform, task.message_id).await?;
         if devices.is_empty() {
             return Ok(None);
         }
-        // Unread: of the conversation's latest 100 messages, those addressed to the recipient
-        // that they have not read. Bounded, so a long history costs nothing.
-        let (unread,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM (
-                 SELECT id, recipient_ids FROM messages
-                  WHERE conversation_id = $1 ORDER BY seq DESC LIMIT 100) recent
-              WHERE $2 = ANY(recent.recipient_ids)
-                AND NOT EXISTS (SELECT 1 FROM message_receipts r
-                                 WHERE r.message_id = recent.id AND r.user_id = $2
-                                   AND r.read_at IS NOT NULL)",
-        )
-        .bind(task.conversation_id)
-        .bind(&task.user_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let unread =
+            messages::unread_recent(&self.pool, task.conversation_id, &task.user_id).await?;
         let devices = devices
             .into_iter()
             .map(|(token, app_id, sandbox)| Device {
@@ -424,14 +441,7 @@ impl PlatformWorker {
     /// Remembers that `token` got `message_id`. If this fails the device may get the message
     /// twice should the task be retried; the notification's collapse id folds the two.
     async fn record_sent(&self, message_id: Uuid, token: &str) {
-        let recorded = sqlx::query(
-            "INSERT INTO push_deliveries (message_id, token) VALUES ($1, $2)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(message_id)
-        .bind(token)
-        .execute(&self.pool)
-        .await;
+        let recorded = push_deliveries::record(&self.pool, message_id, token).await;
         if let Err(error) = recorded {
             tracing::warn!(%error, "could not record a sent push");
         }
@@ -440,11 +450,7 @@ impl PlatformWorker {
     /// Deletes a token the provider says is dead (only if it still belongs to that user: it
     /// may have been registered again, by someone else, meanwhile).
     async fn forget_device(&self, user_id: &str, token: &str) {
-        let deleted = sqlx::query("DELETE FROM devices WHERE token = $1 AND user_id = $2")
-            .bind(token)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await;
+        let deleted = devices::delete(&self.pool, user_id, token).await;
         if let Err(error) = deleted {
             tracing::warn!(%error, "could not delete an invalid device token");
         }
@@ -489,9 +495,12 @@ impl PlatformWorker {
 
     async fn dead_letter(&self, message: &Message, stream_seq: u64, deliveries: i64, reason: &str) {
         self.forget_deferrals(stream_seq);
-        let letter = DeadLetter::of(message, PUSH_STREAM, "push", stream_seq, deliveries, reason);
-        if dlq::move_message(&self.js, &self.metrics, message, letter).await {
-            self.metrics.push_failed("dead_lettered", 1);
+        let moved = self
+            .dlq
+            .move_message(message, stream_seq, deliveries, reason)
+            .await;
+        if moved {
+            self.metrics.failed.add("dead_lettered", 1);
         }
     }
 }
@@ -504,16 +513,9 @@ async fn prune_deliveries(pool: PgPool, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let pruned = sqlx::query(
-            "DELETE FROM push_deliveries WHERE sent_at < now() - make_interval(days => $1)",
-        )
-        .bind(DELIVERIES_RETENTION_DAYS)
-        .execute(&pool)
-        .await;
+        let pruned = push_deliveries::prune(&pool, DELIVERIES_RETENTION_DAYS).await;
         match pruned {
-            Ok(done) if done.rows_affected() > 0 => {
-                tracing::info!(rows = done.rows_affected(), "pruned old push deliveries")
-            }
+            Ok(rows) if rows > 0 => tracing::info!(rows, "pruned old push deliveries"),
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "pruning push deliveries failed"),
         }

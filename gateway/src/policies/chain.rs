@@ -36,24 +36,27 @@ impl ActiveChain {
         sender_blocks: &HashSet<String>,
     ) -> Result<Option<Value>, Rejection> {
         let conversation_id = conversation.map(|c| c.id.to_string());
-        let mut normalized: Option<Value> = None;
-        for policy in &self.policies {
-            let current = normalized.as_ref().unwrap_or(request);
+        let input_for = |request: &Value| {
             let facts =
                 conversation
                     .zip(conversation_id.as_deref())
                     .map(|(c, id)| ConversationInput {
                         id,
-                        kind: &c.kind,
+                        kind: c.kind.as_str(),
                         is_active: c.is_active,
                         members: c.active_members.iter().map(String::as_str).collect(),
                     });
-            let input = input_json(
+            input_json(
                 user_id,
-                current,
+                request,
                 facts,
                 sender_blocks.iter().map(String::as_str),
-            );
+            )
+        };
+        // Written once, and again only after a policy rewrote the request.
+        let mut input = input_for(request);
+        let mut normalized: Option<Value> = None;
+        for policy in &self.policies {
             let started = Instant::now();
             let evaluation = policy.evaluate(&input);
             metrics.evaluated(policy.name(), started.elapsed());
@@ -65,6 +68,7 @@ impl ActiveChain {
                 Decision::Allow => metrics.verdict(policy.name(), "allow"),
                 Decision::AllowNormalized(value) => {
                     metrics.verdict(policy.name(), "allow");
+                    input = input_for(&value);
                     normalized = Some(value);
                 }
                 Decision::Reject(rejection) => {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use hotpath_core::telemetry::meter;
+use hotpath_policy_host::FailureKind;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge, Histogram};
 
@@ -24,7 +25,7 @@ pub struct PolicyMetrics {
 impl PolicyMetrics {
     pub fn new() -> PolicyMetrics {
         let meter = meter();
-        PolicyMetrics {
+        let metrics = PolicyMetrics {
             evaluation_us: meter
                 .f64_histogram("policy_evaluation_duration_us")
                 .with_description("One policy's evaluation, fresh instance included")
@@ -50,7 +51,10 @@ impl PolicyMetrics {
                 .u64_gauge("policy_chain_version")
                 .with_description("Version of the chain this gateway runs")
                 .build(),
-        }
+        };
+        // From 0, so that an alert sees the first refused chain as an increase.
+        metrics.refused.add(0, &[]);
+        metrics
     }
 
     pub fn evaluated(&self, policy: &str, took: Duration) {
@@ -80,9 +84,22 @@ impl PolicyMetrics {
         );
     }
 
-    pub fn swapped(&self, version: u64) {
+    /// Chain `version` of `policies` is in force. Each policy's failure counts are exported
+    /// at 0 from now on, so that an alert sees the first failure as an increase.
+    pub fn swapped(&self, version: u64, policies: &[&str]) {
         self.swaps.add(1, &[]);
         self.version.record(version, &[]);
+        for policy in policies {
+            for kind in FailureKind::ALL {
+                self.failures.add(
+                    0,
+                    &[
+                        KeyValue::new("policy", policy.to_string()),
+                        KeyValue::new("kind", kind.as_str()),
+                    ],
+                );
+            }
+        }
     }
 
     pub fn refused(&self) {

@@ -92,11 +92,11 @@ impl PolicySync {
             Ok(policies) => {
                 let names: Vec<&str> = policies.iter().map(Policy::name).collect();
                 tracing::info!(version = chain.version, policies = ?names, "policy chain swapped in");
+                self.metrics.swapped(chain.version, &names);
                 self.active.store(Arc::new(ActiveChain {
                     version: chain.version,
                     policies,
                 }));
-                self.metrics.swapped(chain.version);
                 self.report(&chain, "active", None).await;
             }
             Err(error) => {

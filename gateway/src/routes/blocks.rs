@@ -8,9 +8,8 @@
 //! before the next send.
 
 use axum::Json;
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use hotpath_core::auth::is_valid_user_id;
 use hotpath_core::rejection::Rejection;
@@ -18,13 +17,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::conversations::invalid;
-use crate::facts::Invalidation;
-use crate::http::{ApiError, authenticate, db_error, read_json, typed};
+use crate::http::{ApiError, AuthUser, BoundedJson, Path, db_error};
 use crate::state::AppState;
+use crate::store::blocks;
+use hotpath_core::announcements::FactsChanged;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct BlockRequest {
+pub struct BlockRequest {
     user_id: String,
 }
 
@@ -37,37 +37,18 @@ pub struct BlockView {
     pub created_at: DateTime<Utc>,
 }
 
-/// One entry of `GET /v1/blocks`.
-#[derive(Debug, Serialize, sqlx::FromRow)]
-#[serde(rename_all = "camelCase")]
-pub struct BlockedUser {
-    pub user_id: String,
-    pub created_at: DateTime<Utc>,
-}
-
 /// `POST /v1/blocks`: the caller blocks `userId`. 201 with the new block; 200 with the block as
 /// it was when it already existed, so a retried request is no error and keeps its first time.
 pub async fn block(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    AuthUser(user_id): AuthUser,
+    BoundedJson(request): BoundedJson<BlockRequest>,
 ) -> Result<(StatusCode, Json<BlockView>), ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    let request: BlockRequest = typed(read_json(&state, &headers, body).await?)?;
     let other = other_user(&user_id, &request.user_id)?;
-    // Always the row, new or old; `xmax = 0` only on a row this statement inserted (an updated
-    // row carries the id of the transaction that replaced its previous version).
-    let (created_at, inserted): (DateTime<Utc>, bool) = sqlx::query_as(
-        "INSERT INTO blocks (blocker_id, blocked_id) VALUES ($1, $2)
-         ON CONFLICT (blocker_id, blocked_id) DO UPDATE SET blocked_id = EXCLUDED.blocked_id
-         RETURNING created_at, xmax = 0",
-    )
-    .bind(&user_id)
-    .bind(other)
-    .fetch_one(&state.pool)
-    .await
-    .map_err(db_error)?;
-    let status = if inserted {
+    let recorded = blocks::insert(&state.pool, &user_id, other)
+        .await
+        .map_err(db_error)?;
+    let status = if recorded.inserted {
         announce(&state, &user_id, other).await;
         StatusCode::CREATED
     } else {
@@ -76,7 +57,7 @@ pub async fn block(
     let view = BlockView {
         blocker_id: user_id,
         blocked_id: other.to_string(),
-        created_at,
+        created_at: recorded.created_at,
     };
     Ok((status, Json(view)))
 }
@@ -85,20 +66,15 @@ pub async fn block(
 /// `BLOCK_NOT_FOUND` when they had none (a block the other user made stays: it is theirs).
 pub async fn unblock(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(other): Path<String>,
+    AuthUser(user_id): AuthUser,
 ) -> Result<StatusCode, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
     if !is_valid_user_id(&other) {
         return Err(invalid("not a valid user id", "userId").into());
     }
-    let deleted = sqlx::query("DELETE FROM blocks WHERE blocker_id = $1 AND blocked_id = $2")
-        .bind(&user_id)
-        .bind(&other)
-        .execute(&state.pool)
+    let deleted = blocks::delete(&state.pool, &user_id, &other)
         .await
-        .map_err(db_error)?
-        .rows_affected();
+        .map_err(db_error)?;
     if deleted == 0 {
         return Err(Rejection::BlockNotFound { user_id: other }.into());
     }
@@ -110,17 +86,11 @@ pub async fn unblock(
 /// gateway's cache: the cache holds both directions without the time, and this is no hot path.
 pub async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    AuthUser(user_id): AuthUser,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    let blocks: Vec<BlockedUser> = sqlx::query_as(
-        "SELECT blocked_id AS user_id, created_at FROM blocks WHERE blocker_id = $1
-          ORDER BY created_at DESC, blocked_id",
-    )
-    .bind(&user_id)
-    .fetch_all(&state.pool)
-    .await
-    .map_err(db_error)?;
+    let blocks = blocks::made_by(&state.pool, &user_id)
+        .await
+        .map_err(db_error)?;
     Ok(Json(json!({ "blocks": blocks })))
 }
 
@@ -139,7 +109,7 @@ fn other_user<'a>(user_id: &str, other: &'a str) -> Result<&'a str, Rejection> {
 async fn announce(state: &AppState, user_id: &str, other: &str) {
     state
         .facts
-        .announce(Invalidation::users(vec![
+        .announce(FactsChanged::users(vec![
             user_id.to_string(),
             other.to_string(),
         ]))

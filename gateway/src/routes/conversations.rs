@@ -1,5 +1,5 @@
 //! The minimum of conversation management needed to send anything: create a conversation,
-//! add and remove members, deactivate it (blocks are `routes::blocks`). Every change of
+//! list the caller's, add and remove members, deactivate it (blocks are `routes::blocks`). Every change of
 //! membership or state is announced so all gateways drop their cached facts. Also the
 //! conversation's push setting, which no gateway caches: the push workers read it for every
 //! push.
@@ -17,23 +17,28 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use hotpath_core::auth::is_valid_user_id;
+use hotpath_core::domain::ConversationKind;
 use hotpath_core::rejection::Rejection;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::facts::{ConversationFacts, Invalidation};
-use crate::http::{ApiError, authenticate, db_error, read_json, typed};
-use crate::state::AppState;
+use hotpath_core::announcements::FactsChanged;
 
+use crate::facts::ConversationFacts;
+use crate::http::{ApiError, AuthUser, BoundedJson, Path, Query, db_error};
+use crate::state::AppState;
+use crate::store::conversations;
+
+/// The body of `POST /v1/conversations`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CreateConversation {
+pub struct CreateConversation {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
@@ -47,12 +52,26 @@ fn previews_shown() -> bool {
     true
 }
 
+/// The body of `POST /v1/conversations/{id}/members`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddMember {
+    user_id: String,
+}
+
+/// The body of `PUT /v1/conversations/{id}/settings`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    push_preview: bool,
+}
+
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConversationView {
     pub conversation_id: Uuid,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: ConversationKind,
     pub is_active: bool,
     pub members: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,16 +82,26 @@ pub struct ConversationView {
     pub push_preview: Option<bool>,
 }
 
+/// The authenticated user of a membership change, within their budget of membership changes:
+/// checked before the body is read.
+pub struct MembershipEditor(pub String);
+
+impl FromRequestParts<AppState> for MembershipEditor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let AuthUser(user_id) = AuthUser::from_request_parts(parts, state).await?;
+        state.membership_rate.check(&user_id)?;
+        Ok(MembershipEditor(user_id))
+    }
+}
+
 /// `POST /v1/conversations`: `direct` (exactly two people) or `group`; the creator is a member.
 pub async fn create(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    MembershipEditor(user_id): MembershipEditor,
+    BoundedJson(request): BoundedJson<CreateConversation>,
 ) -> Result<(StatusCode, Json<ConversationView>), ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    state.membership_rate.check(&user_id)?;
-    let request: CreateConversation = typed(read_json(&state, &headers, body).await?)?;
-
     let mut members: BTreeSet<String> = BTreeSet::new();
     members.insert(user_id.clone());
     for member in &request.members {
@@ -81,16 +110,16 @@ pub async fn create(
         }
         members.insert(member.clone());
     }
-    match request.kind.as_str() {
-        "direct" if members.len() != 2 => {
-            return Err(invalid(
-                "a direct conversation has exactly two distinct members",
-                "members",
-            )
-            .into());
-        }
-        "direct" | "group" => {}
-        _ => return Err(invalid("type must be direct or group", "type").into()),
+    let kind: ConversationKind = request
+        .kind
+        .parse()
+        .map_err(|_| invalid("type must be direct or group", "type"))?;
+    if kind == ConversationKind::Direct && members.len() != 2 {
+        return Err(invalid(
+            "a direct conversation has exactly two distinct members",
+            "members",
+        )
+        .into());
     }
     if members.len() > state.config.max_members {
         return Err(Rejection::ConversationFull {
@@ -103,31 +132,18 @@ pub async fn create(
     let id = Uuid::new_v4();
     let member_list: Vec<String> = members.into_iter().collect();
     let mut tx = state.pool.begin().await.map_err(db_error)?;
-    let (created_at,): (DateTime<Utc>,) = sqlx::query_as(
-        "INSERT INTO conversations (id, type, created_by, push_preview) VALUES ($1, $2, $3, $4)
-         RETURNING created_at",
-    )
-    .bind(id)
-    .bind(&request.kind)
-    .bind(&user_id)
-    .bind(request.push_preview)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    sqlx::query(
-        "INSERT INTO conversation_members (conversation_id, user_id) SELECT $1, unnest($2::text[])",
-    )
-    .bind(id)
-    .bind(&member_list)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?;
+    let created_at = conversations::insert(&mut tx, id, kind, &user_id, request.push_preview)
+        .await
+        .map_err(db_error)?;
+    conversations::insert_members(&mut tx, id, &member_list)
+        .await
+        .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
-    state.facts.announce(Invalidation::conversation(id)).await;
+    state.facts.announce(FactsChanged::conversation(id)).await;
 
     let view = ConversationView {
         conversation_id: id,
-        kind: request.kind,
+        kind,
         is_active: true,
         members: member_list,
         created_at: Some(created_at),
@@ -137,62 +153,66 @@ pub async fn create(
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AddMember {
-    user_id: String,
+pub struct ListQuery {
+    limit: Option<i64>,
+}
+
+/// Most conversations one `GET /v1/conversations` lists.
+pub const MAX_LISTED_CONVERSATIONS: i64 = 500;
+
+/// `GET /v1/conversations`: the conversations the caller is an active member of, newest first,
+/// each with its members and `lastSeq` (where a client starts reading history backwards).
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+    AuthUser(user_id): AuthUser,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = query
+        .limit
+        .unwrap_or(100)
+        .clamp(1, MAX_LISTED_CONVERSATIONS);
+    let listed = conversations::of_member(&state.queries, &user_id, limit)
+        .await
+        .map_err(db_error)?;
+    Ok(Json(json!({ "conversations": listed })))
 }
 
 /// `POST /v1/conversations/{id}/members`: an active member adds someone to an active group
 /// that has room (adding someone who is already a member changes nothing).
 pub async fn add_member(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Body,
+    MembershipEditor(user_id): MembershipEditor,
+    BoundedJson(request): BoundedJson<AddMember>,
 ) -> Result<Json<ConversationView>, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    state.membership_rate.check(&user_id)?;
-    let request: AddMember = typed(read_json(&state, &headers, body).await?)?;
     let conversation = member_of(&state, &id, &user_id).await?;
     active(&conversation)?;
     if !is_valid_user_id(&request.user_id) {
         return Err(invalid("not a valid user id", "userId").into());
     }
-    if conversation.kind == "direct" && !conversation.active_members.contains(&request.user_id) {
+    if conversation.kind == ConversationKind::Direct
+        && !conversation.active_members.contains(&request.user_id)
+    {
         return Err(invalid("members of a direct conversation cannot change", "userId").into());
     }
     let mut tx = state.pool.begin().await.map_err(db_error)?;
     // Concurrent adds to one conversation count its members one after the other.
-    sqlx::query("SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE")
-        .bind(conversation.id)
-        .execute(&mut *tx)
+    conversations::lock(&mut tx, conversation.id)
         .await
         .map_err(db_error)?;
-    let (members, already_in): (i64, bool) = sqlx::query_as(
-        "SELECT count(*), coalesce(bool_or(user_id = $2), false)
-           FROM conversation_members WHERE conversation_id = $1 AND is_active",
-    )
-    .bind(conversation.id)
-    .bind(&request.user_id)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    if !already_in && members as usize >= state.config.max_members {
+    let membership = conversations::membership(&mut tx, conversation.id, &request.user_id)
+        .await
+        .map_err(db_error)?;
+    if !membership.is_member && membership.active_members as usize >= state.config.max_members {
         return Err(Rejection::ConversationFull {
             max_members: state.config.max_members,
             conversation_id: Some(conversation.id.to_string()),
         }
         .into());
     }
-    sqlx::query(
-        "INSERT INTO conversation_members (conversation_id, user_id) VALUES ($1, $2)
-         ON CONFLICT (conversation_id, user_id) DO UPDATE SET is_active = true, left_at = NULL",
-    )
-    .bind(conversation.id)
-    .bind(&request.user_id)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?;
+    conversations::add_member(&mut tx, conversation.id, &request.user_id)
+        .await
+        .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     changed(&state, &conversation).await
 }
@@ -201,44 +221,27 @@ pub async fn add_member(
 /// leaves). Removing someone who is not a member is a no-op.
 pub async fn remove_member(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path((id, member)): Path<(String, String)>,
+    MembershipEditor(user_id): MembershipEditor,
 ) -> Result<Json<ConversationView>, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    state.membership_rate.check(&user_id)?;
     let conversation = member_of(&state, &id, &user_id).await?;
-    sqlx::query(
-        "UPDATE conversation_members SET is_active = false, left_at = now()
-          WHERE conversation_id = $1 AND user_id = $2 AND is_active",
-    )
-    .bind(conversation.id)
-    .bind(&member)
-    .execute(&state.pool)
-    .await
-    .map_err(db_error)?;
+    conversations::remove_member(&state.pool, conversation.id, &member)
+        .await
+        .map_err(db_error)?;
     changed(&state, &conversation).await
 }
 
 /// `POST /v1/conversations/{id}/deactivate`: no more messages can be sent to it.
 pub async fn deactivate(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    AuthUser(user_id): AuthUser,
 ) -> Result<Json<ConversationView>, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
     let conversation = member_of(&state, &id, &user_id).await?;
-    sqlx::query("UPDATE conversations SET is_active = false WHERE id = $1")
-        .bind(conversation.id)
-        .execute(&state.pool)
+    conversations::deactivate(&state.pool, conversation.id)
         .await
         .map_err(db_error)?;
     changed(&state, &conversation).await
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Settings {
-    push_preview: bool,
 }
 
 /// `PUT /v1/conversations/{id}/settings`: an active member decides whether the conversation's
@@ -246,12 +249,10 @@ struct Settings {
 /// a new message. Nothing is announced: no gateway caches the setting.
 pub async fn update_settings(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Body,
+    AuthUser(user_id): AuthUser,
+    BoundedJson(request): BoundedJson<Settings>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    let request: Settings = typed(read_json(&state, &headers, body).await?)?;
     // Someone outside the conversation learns nothing of its settings, not even that it exists.
     let conversation =
         member_of(&state, &id, &user_id)
@@ -262,10 +263,7 @@ pub async fn update_settings(
                 },
                 other => other,
             })?;
-    sqlx::query("UPDATE conversations SET push_preview = $2 WHERE id = $1")
-        .bind(conversation.id)
-        .bind(request.push_preview)
-        .execute(&state.pool)
+    conversations::set_push_preview(&state.pool, conversation.id, request.push_preview)
         .await
         .map_err(db_error)?;
     Ok(Json(json!({
@@ -315,7 +313,7 @@ async fn changed(
 ) -> Result<Json<ConversationView>, ApiError> {
     state
         .facts
-        .announce(Invalidation::conversation(before.id))
+        .announce(FactsChanged::conversation(before.id))
         .await;
     let now = state.facts.conversation(before.id).await?.ok_or_else(|| {
         Rejection::ConversationNotFound {
@@ -324,7 +322,7 @@ async fn changed(
     })?;
     Ok(Json(ConversationView {
         conversation_id: now.id,
-        kind: now.kind.clone(),
+        kind: now.kind,
         is_active: now.is_active,
         members: now.active_members.iter().cloned().collect(),
         created_at: None,

@@ -8,17 +8,18 @@
 //! someone's phone: they are never logged, and never echoed in an error.
 
 use axum::Json;
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use chrono::{DateTime, Utc};
+use axum::extract::State;
+use axum::http::StatusCode;
+use hotpath_core::announcements::{Announcement, DevicesChanged};
+use hotpath_core::domain::Platform;
 use hotpath_core::names::DEVICES_CHANGED_SUBJECT;
 use hotpath_core::rejection::Rejection;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::{ApiError, authenticate, db_error, read_json, typed};
+use crate::http::{ApiError, AuthUser, BoundedJson, Path, db_error};
 use crate::state::AppState;
+use crate::store::devices::{self, DeviceView, NewDevice, Registered};
 
 /// The most devices one user keeps; older registrations beyond it are forgotten.
 pub const MAX_DEVICES_PER_USER: i64 = 20;
@@ -34,7 +35,7 @@ const MAX_APP_ID_CHARS: usize = 255;
 /// Neither this nor [`DeviceView`] is `Debug`, so no log line can print a token by accident.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RegisterDevice {
+pub struct RegisterDevice {
     platform: String,
     token: String,
     app_id: String,
@@ -42,83 +43,48 @@ struct RegisterDevice {
     sandbox: bool,
 }
 
-#[derive(Serialize, sqlx::FromRow)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceView {
-    pub token: String,
-    /// `apns` or `fcm`.
-    pub platform: String,
-    /// The APNS topic (bundle id) or the FCM app id the token was issued for.
-    pub app_id: String,
-    /// APNS only: the token belongs to a development build and goes to Apple's sandbox.
-    pub sandbox: bool,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
 /// `POST /v1/devices`: registers the caller's device, or refreshes it; 201 when the token is
 /// new, 200 when it was known (to the caller or, until now, to someone else).
 pub async fn register(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    AuthUser(user_id): AuthUser,
+    BoundedJson(mut request): BoundedJson<RegisterDevice>,
 ) -> Result<(StatusCode, Json<DeviceView>), ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    let mut request: RegisterDevice = typed(read_json(&state, &headers, body).await?)?;
-    validate(&request)?;
-    if request.platform == "apns" {
+    let platform = validate(&request)?;
+    if platform == Platform::Apns {
         request.token = apns_token(&request.token);
     }
 
     let mut tx = state.pool.begin().await.map_err(db_error)?;
-    // `xmax = 0` only on a row this statement inserted: an updated row carries the id of the
-    // transaction that replaced its previous version.
-    let DeviceRow { device, inserted } = sqlx::query_as(
-        "INSERT INTO devices (token, platform, user_id, app_id, sandbox)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (token) DO UPDATE
-            SET platform = EXCLUDED.platform,
-                user_id = EXCLUDED.user_id,
-                app_id = EXCLUDED.app_id,
-                sandbox = EXCLUDED.sandbox,
-                updated_at = now()
-         RETURNING token, platform, app_id, sandbox, created_at, updated_at,
-                   (xmax = 0) AS inserted",
-    )
-    .bind(&request.token)
-    .bind(&request.platform)
-    .bind(&user_id)
-    .bind(&request.app_id)
-    .bind(request.sandbox)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db_error)?;
+    let new_device = NewDevice {
+        token: &request.token,
+        platform,
+        user_id: &user_id,
+        app_id: &request.app_id,
+        sandbox: request.sandbox,
+    };
+    let Registered { device, inserted } = devices::upsert(&mut tx, &new_device)
+        .await
+        .map_err(db_error)?;
     // The device just registered always stays, with the most recently refreshed of the others.
     // Two registrations of the same user at the same moment may each keep their own and leave
     // one too many behind for a while; the next registration trims it.
-    let forgotten = sqlx::query(
-        "DELETE FROM devices
-          WHERE user_id = $1 AND token <> $2
-            AND token NOT IN (SELECT token FROM devices WHERE user_id = $1 AND token <> $2
-                               ORDER BY updated_at DESC, token LIMIT $3)",
-    )
-    .bind(&user_id)
-    .bind(&device.token)
-    .bind(MAX_DEVICES_PER_USER - 1)
-    .execute(&mut *tx)
-    .await
-    .map_err(db_error)?
-    .rows_affected();
+    let forgotten =
+        devices::forget_beyond(&mut tx, &user_id, &device.token, MAX_DEVICES_PER_USER - 1)
+            .await
+            .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
     if forgotten > 0 {
         tracing::info!(user_id = %user_id, forgotten, "forgot devices beyond the per-user limit");
     }
     // The delivery consumers cache who has devices; a user who had none must be pushed from
     // now on. Best effort: a lost announcement is bounded by that cache's time to live.
-    let changed = json!({ "userId": user_id }).to_string();
+    let changed = DevicesChanged {
+        user_id: user_id.to_string(),
+    };
     if let Err(error) = state
         .nats
-        .publish(DEVICES_CHANGED_SUBJECT, changed.into())
+        .publish(DEVICES_CHANGED_SUBJECT, changed.encode().into())
         .await
     {
         tracing::debug!(%error, "device change not announced");
@@ -135,18 +101,11 @@ pub async fn register(
 /// `GET /v1/devices`: the caller's devices, the most recently registered first.
 pub async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    AuthUser(user_id): AuthUser,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    let devices: Vec<DeviceView> = sqlx::query_as(
-        "SELECT token, platform, app_id, sandbox, created_at, updated_at
-           FROM devices WHERE user_id = $1
-          ORDER BY updated_at DESC, token",
-    )
-    .bind(&user_id)
-    .fetch_all(&state.pool)
-    .await
-    .map_err(db_error)?;
+    let devices = devices::of_user(&state.pool, &user_id)
+        .await
+        .map_err(db_error)?;
     Ok(Json(json!({ "devices": devices })))
 }
 
@@ -157,21 +116,12 @@ pub async fn list(
 /// opaque, its case part of it) and, for APNS rows only, in the form registration stored.
 pub async fn remove(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(token): Path<String>,
+    AuthUser(user_id): AuthUser,
 ) -> Result<StatusCode, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
-    let deleted = sqlx::query(
-        "DELETE FROM devices
-          WHERE user_id = $2 AND (token = $1 OR (platform = 'apns' AND token = $3))",
-    )
-    .bind(&token)
-    .bind(&user_id)
-    .bind(apns_token(&token))
-    .execute(&state.pool)
-    .await
-    .map_err(db_error)?
-    .rows_affected();
+    let deleted = devices::delete(&state.pool, &user_id, &token, &apns_token(&token))
+        .await
+        .map_err(db_error)?;
     if deleted == 0 {
         return Err(Rejection::DeviceNotFound.into());
     }
@@ -184,22 +134,14 @@ fn apns_token(token: &str) -> String {
     token.to_ascii_lowercase()
 }
 
-/// A device as the upsert returns it, with whether the row is new.
-#[derive(sqlx::FromRow)]
-struct DeviceRow {
-    #[sqlx(flatten)]
-    device: DeviceView,
-    inserted: bool,
-}
-
-/// Checks what Postgres cannot: the token's shape for its platform, the app id's alphabet.
-/// Messages name the rule, never the token.
-fn validate(request: &RegisterDevice) -> Result<(), Rejection> {
-    let is_apns = match request.platform.as_str() {
-        "apns" => true,
-        "fcm" => false,
-        _ => return Err(invalid("platform must be apns or fcm", "platform")),
-    };
+/// Checks what Postgres cannot: the platform, the token's shape for it, the app id's
+/// alphabet; answers the platform. Messages name the rule, never the token.
+fn validate(request: &RegisterDevice) -> Result<Platform, Rejection> {
+    let platform: Platform = request
+        .platform
+        .parse()
+        .map_err(|_| invalid("platform must be apns or fcm", "platform"))?;
+    let is_apns = platform == Platform::Apns;
     let token = &request.token;
     if token.is_empty() || token.len() > MAX_TOKEN_CHARS {
         return Err(invalid(
@@ -238,7 +180,7 @@ fn validate(request: &RegisterDevice) -> Result<(), Rejection> {
     if request.sandbox && !is_apns {
         return Err(invalid("sandbox is for APNS tokens only", "sandbox"));
     }
-    Ok(())
+    Ok(platform)
 }
 
 fn invalid(message: &str, field: &str) -> Rejection {
@@ -261,9 +203,9 @@ mod tests {
         }
     }
 
-    fn field_of(result: Result<(), Rejection>) -> Option<String> {
+    fn field_of(result: Result<Platform, Rejection>) -> Option<String> {
         match result {
-            Ok(()) => None,
+            Ok(_) => None,
             Err(rejection) => Some(rejection.details()["field"].as_str()?.to_string()),
         }
     }

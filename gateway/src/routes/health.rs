@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use serde_json::json;
 
 use crate::state::AppState;
+use crate::store;
 
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
@@ -18,12 +19,9 @@ pub async fn healthz() -> impl IntoResponse {
 /// Ready when NATS is connected, Postgres answers within a second, and a policy chain is loaded.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let nats = state.nats.connection_state() == async_nats::connection::State::Connected;
-    let postgres = tokio::time::timeout(
-        Duration::from_secs(1),
-        sqlx::query("SELECT 1").execute(&state.pool),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let postgres = tokio::time::timeout(Duration::from_secs(1), store::ping(&state.pool))
+        .await
+        .is_ok_and(|r| r.is_ok());
     let policies = !state.policies.load().is_empty();
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let status = if nats && postgres && policies {

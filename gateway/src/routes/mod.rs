@@ -1,4 +1,5 @@
-//! The HTTP API, one file per resource (and the WebSocket upgrade, `ws`).
+//! The HTTP API, one file per resource (and the WebSocket upgrade, `ws`; the web client's
+//! files, `webclient`).
 
 pub mod blocks;
 pub mod conversations;
@@ -6,4 +7,5 @@ pub mod devices;
 pub mod health;
 pub mod send;
 pub mod status;
+pub mod webclient;
 pub mod ws;

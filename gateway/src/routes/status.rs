@@ -2,18 +2,21 @@
 //! was persisted.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use hotpath_core::domain::MessageState;
 use hotpath_core::rejection::Rejection;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::http::{ApiError, authenticate, db_error};
+use crate::http::{ApiError, AuthUser, Path, Query, db_error};
 use crate::state::AppState;
+use crate::store;
+use crate::store::message_rejections::RejectedMessage;
+use crate::store::messages::{self, HistoryMessage, StoredMessage};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -24,7 +27,7 @@ pub struct MessageStatus {
     /// `pending` (accepted, in the stream) or `sent` (persisted); for the sender, `delivered` /
     /// `read` once any recipient reached that state (the furthest state any recipient reached),
     /// or `rejected` (accepted, then refused for good: see `reason`).
-    pub state: &'static str,
+    pub state: MessageState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
     pub accepted_at: DateTime<Utc>,
@@ -46,88 +49,51 @@ pub struct MessageStatus {
 pub struct RecipientStatus {
     pub user_id: String,
     /// `sent`, `delivered` or `read`.
-    pub state: &'static str,
+    pub state: MessageState,
     pub delivered_at: Option<DateTime<Utc>>,
     pub read_at: Option<DateTime<Utc>>,
 }
 
-/// A recipient with the times its receipts were recorded.
-type ReceiptRow = (String, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
-
 /// Each recipient of the message with its receipt, in recipient order.
 async fn recipients(state: &AppState, message_id: Uuid) -> Result<Vec<RecipientStatus>, Rejection> {
-    let rows: Vec<ReceiptRow> = sqlx::query_as(
-        "SELECT r.user_id, mr.delivered_at, mr.read_at
-           FROM messages m
-          CROSS JOIN LATERAL unnest(m.recipient_ids) WITH ORDINALITY AS r(user_id, n)
-           LEFT JOIN message_receipts mr ON mr.message_id = m.id AND mr.user_id = r.user_id
-          WHERE m.id = $1
-          ORDER BY r.n",
-    )
-    .bind(message_id)
-    .fetch_all(&state.queries)
-    .await
-    .map_err(db_error)?;
-    Ok(rows
+    let receipts = store::receipts::of_message(&state.queries, message_id)
+        .await
+        .map_err(db_error)?;
+    Ok(receipts
         .into_iter()
-        .map(|(user_id, delivered_at, read_at)| RecipientStatus {
-            user_id,
-            state: if read_at.is_some() {
-                "read"
-            } else if delivered_at.is_some() {
-                "delivered"
+        .map(|receipt| RecipientStatus {
+            state: if receipt.read_at.is_some() {
+                MessageState::Read
+            } else if receipt.delivered_at.is_some() {
+                MessageState::Delivered
             } else {
-                "sent"
+                MessageState::Sent
             },
-            delivered_at,
-            read_at,
+            user_id: receipt.user_id,
+            delivered_at: receipt.delivered_at,
+            read_at: receipt.read_at,
         })
         .collect())
 }
 
-/// A message refused after it was accepted (`message_rejections`).
-#[derive(sqlx::FromRow)]
-struct RejectedMessage {
-    conversation_id: Uuid,
-    sender_id: String,
-    original_message_id: Uuid,
-    accepted_at: DateTime<Utc>,
-    created_at: DateTime<Utc>,
-}
-
-impl RejectedMessage {
-    fn status(self, message_id: Uuid) -> MessageStatus {
-        // `message_rejections.reason` has one possible value (its CHECK): a reused key.
-        let reason = Rejection::IdempotencyKeyReused {
-            original_message_id: self.original_message_id,
-        };
-        MessageStatus {
-            message_id,
-            conversation_id: self.conversation_id,
-            sender_id: self.sender_id,
-            state: "rejected",
-            seq: None,
-            accepted_at: self.accepted_at,
-            persisted_at: None,
-            rejected_at: Some(self.created_at),
-            reason: Some(reason.reason()),
-            recipients: None,
-        }
+/// The status of a message refused after it was accepted.
+fn rejected_status(refused: RejectedMessage, message_id: Uuid) -> MessageStatus {
+    // `message_rejections.reason` has one possible value (its CHECK): a reused key.
+    let reason = Rejection::IdempotencyKeyReused {
+        original_message_id: refused.original_message_id,
+    };
+    MessageStatus {
+        message_id,
+        conversation_id: refused.conversation_id,
+        sender_id: refused.sender_id,
+        state: MessageState::Rejected,
+        seq: None,
+        accepted_at: refused.accepted_at,
+        persisted_at: None,
+        rejected_at: Some(refused.created_at),
+        reason: Some(reason.reason()),
+        recipients: None,
     }
-}
-
-async fn rejected(
-    state: &AppState,
-    message_id: Uuid,
-) -> Result<Option<RejectedMessage>, Rejection> {
-    sqlx::query_as(
-        "SELECT conversation_id, sender_id, original_message_id, accepted_at, created_at
-           FROM message_rejections WHERE message_id = $1",
-    )
-    .bind(message_id)
-    .fetch_optional(&state.queries)
-    .await
-    .map_err(db_error)
 }
 
 /// What Postgres knows of a message: stored, or refused by the consumers.
@@ -137,26 +103,14 @@ enum Found {
 }
 
 async fn find(state: &AppState, message_id: Uuid) -> Result<Option<Found>, Rejection> {
-    let stored: Option<StoredMessage> = sqlx::query_as(
-        "SELECT conversation_id, sender_id, seq, accepted_at, persisted_at FROM messages WHERE id = $1",
-    )
-    .bind(message_id)
-    .fetch_optional(&state.queries)
-    .await
-    .map_err(db_error)?;
-    match stored {
-        Some(stored) => Ok(Some(Found::Stored(stored))),
-        None => Ok(rejected(state, message_id).await?.map(Found::Rejected)),
+    let pool = &state.queries;
+    if let Some(stored) = messages::find(pool, message_id).await.map_err(db_error)? {
+        return Ok(Some(Found::Stored(stored)));
     }
-}
-
-#[derive(sqlx::FromRow)]
-struct StoredMessage {
-    conversation_id: Uuid,
-    sender_id: String,
-    seq: i64,
-    accepted_at: DateTime<Utc>,
-    persisted_at: DateTime<Utc>,
+    let refused = store::message_rejections::find(pool, message_id)
+        .await
+        .map_err(db_error)?;
+    Ok(refused.map(Found::Rejected))
 }
 
 /// The message's state: `sent` with its seq once persisted, `pending` while it is only in the
@@ -168,10 +122,9 @@ struct StoredMessage {
 /// from memory for a few seconds (`known_messages`).
 pub async fn status(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    AuthUser(user_id): AuthUser,
 ) -> Result<Json<MessageStatus>, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
     let not_found = || Rejection::MessageNotFound {
         message_id: id.clone(),
     };
@@ -188,13 +141,13 @@ pub async fn status(
             if refused.sender_id != user_id {
                 return Err(not_found().into());
             }
-            return Ok(Json(refused.status(message_id)));
+            return Ok(Json(rejected_status(refused, message_id)));
         }
         Some(Found::Stored(stored)) => MessageStatus {
             message_id,
             conversation_id: stored.conversation_id,
             sender_id: stored.sender_id,
-            state: "sent",
+            state: MessageState::Sent,
             seq: Some(stored.seq),
             accepted_at: stored.accepted_at,
             persisted_at: Some(stored.persisted_at),
@@ -212,7 +165,7 @@ pub async fn status(
                 message_id,
                 conversation_id: accepted.conversation_id,
                 sender_id: accepted.sender_id,
-                state: "pending",
+                state: MessageState::Pending,
                 seq: None,
                 accepted_at: accepted.accepted_at,
                 persisted_at: None,
@@ -229,9 +182,9 @@ pub async fn status(
     if status.sender_id == user_id && status.persisted_at.is_some() {
         let recipients = recipients(&state, message_id).await?;
         if recipients.iter().any(|r| r.read_at.is_some()) {
-            status.state = "read";
+            status.state = MessageState::Read;
         } else if recipients.iter().any(|r| r.delivered_at.is_some()) {
-            status.state = "delivered";
+            status.state = MessageState::Delivered;
         }
         status.recipients = Some(recipients);
     }
@@ -262,31 +215,15 @@ pub struct HistoryPage {
     pub next_after_seq: i64,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryMessage {
-    pub message_id: Uuid,
-    pub seq: i64,
-    pub sender_id: String,
-    pub content: String,
-    pub content_type: String,
-    pub metadata: sqlx::types::Json<Value>,
-    pub priority: String,
-    pub correlation_id: Uuid,
-    pub accepted_at: DateTime<Utc>,
-    pub persisted_at: DateTime<Utc>,
-}
-
 pub const MAX_HISTORY_PAGE: i64 = 500;
 
 /// History by per-conversation `seq`, for catch-up after a reconnect: members only.
 pub async fn history(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Query(query): Query<HistoryQuery>,
+    AuthUser(user_id): AuthUser,
 ) -> Result<Response, ApiError> {
-    let user_id = authenticate(&state, &headers).await?;
     let conversation_id = crate::routes::conversations::member_of(&state, &id, &user_id)
         .await?
         .id;
@@ -310,26 +247,15 @@ pub async fn history(
 }
 
 /// One page of a conversation's history after `after_seq`, in seq order.
-pub(crate) async fn read_history(
+async fn read_history(
     state: &AppState,
     conversation_id: Uuid,
     after_seq: i64,
     limit: i64,
 ) -> Result<HistoryPage, Rejection> {
-    let messages: Vec<HistoryMessage> = sqlx::query_as(
-        "SELECT id AS message_id, seq, sender_id, content, content_type, metadata, priority,
-                correlation_id, accepted_at, persisted_at
-           FROM messages
-          WHERE conversation_id = $1 AND seq > $2
-          ORDER BY seq
-          LIMIT $3",
-    )
-    .bind(conversation_id)
-    .bind(after_seq)
-    .bind(limit)
-    .fetch_all(&state.queries)
-    .await
-    .map_err(db_error)?;
+    let messages = messages::history(&state.queries, conversation_id, after_seq, limit)
+        .await
+        .map_err(db_error)?;
     let next_after_seq = messages.last().map_or(after_seq, |m| m.seq);
     Ok(HistoryPage {
         conversation_id,

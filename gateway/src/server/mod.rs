@@ -14,7 +14,7 @@
 //!   A WebSocket keeps its permit until it closes.
 //! * **the header and idle timeouts**, per connection (`phase.rs`, `connection.rs`).
 //! * **the body timeout**, a tower layer on the router and the whole-body deadline of
-//!   `http::read_json` (late bodies get 408 `REQUEST_TIMEOUT`).
+//!   `http::BoundedJson` (late bodies get 408 `REQUEST_TIMEOUT`).
 //!
 //! Shutdown: when `shutdown` is cancelled the listener is dropped (new connections are
 //! refused by the kernel), idle connections close, and every connection finishes the request

@@ -9,7 +9,7 @@
 //!   a header line every few seconds and never finishes.
 //! * **busy**: requests are being handled, from complete headers until hyper has taken the
 //!   whole response body. No deadline here: the body read has its own timeout (a tower layer
-//!   and `read_json`), and every handler's waits are bounded (publish, statement and pool
+//!   and `http::BoundedJson`), and every handler's waits are bounded (publish, statement and pool
 //!   timeouts).
 //! * **idle**: between requests of a keep-alive connection, nothing of the next one received.
 //!   Closed after the *idle timeout*, which is usually longer than the header timeout so that

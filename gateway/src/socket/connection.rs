@@ -1,10 +1,9 @@
 //! One WebSocket, from upgrade to close.
 //!
 //! Four tasks share the connection:
-//! * the **reader** (this task) answers the client's frames in order (receipts, `ack`, too:
-//!   see [`super::receipt`]; token refreshes: see [`super::expiry`]): sends go through the
-//!   same `accept` as `POST /v1/messages`, one at a time, so a client's messages are accepted in
-//!   the order it sent them;
+//! * the **reader** (this task) answers the client's frames in order, each as
+//!   [`super::commands`] says: sends go through the same `accept` as `POST /v1/messages`, one
+//!   at a time, so a client's messages are accepted in the order it sent them;
 //! * the **writer** alone writes to the socket: live frames from the node (bounded queue,
 //!   overflow ends the socket), replies and catch-up frames (bounded, the producer waits), and
 //!   a ping every interval; it closes a socket the client stopped answering;
@@ -28,10 +27,10 @@ use hotpath_core::rejection::Rejection;
 use tokio::sync::mpsc;
 
 use super::close::{CloseReason, Ending};
+use super::commands::Commands;
 use super::expiry::{self, TokenLifetime};
-use super::protocol::{self, ClientFrame};
-use super::sync::{self, SyncRequest, SyncSlot};
-use crate::routes::send::{accept, send_slot};
+use super::protocol;
+use super::sync::{self, SyncSlot};
 use crate::state::AppState;
 
 /// Replies and catch-up frames waiting for the writer; their producers wait when it is full.
@@ -127,10 +126,14 @@ pub async fn serve(socket: WebSocket, state: AppState, token: Verified) {
     let reader = Reader {
         state: &state,
         user_id: &user_id,
+        commands: Commands {
+            state: &state,
+            user_id: &user_id,
+            syncs: syncs_tx,
+            sync_slot: SyncSlot::default(),
+            lifetime,
+        },
         replies: replies_tx,
-        syncs: syncs_tx,
-        sync_slot: SyncSlot::default(),
-        lifetime,
         ending: ending.clone(),
         heard,
     };
@@ -143,13 +146,12 @@ pub async fn serve(socket: WebSocket, state: AppState, token: Verified) {
     drop(registration);
 }
 
+/// The socket's reading side: frames in, their answers queued for the writer.
 struct Reader<'a> {
     state: &'a AppState,
     user_id: &'a str,
+    commands: Commands<'a>,
     replies: mpsc::Sender<Utf8Bytes>,
-    syncs: mpsc::Sender<SyncRequest>,
-    sync_slot: SyncSlot,
-    lifetime: TokenLifetime,
     ending: Ending,
     heard: Heard,
 }
@@ -163,7 +165,11 @@ impl Reader<'_> {
             };
             self.heard.now();
             match next {
-                Some(Ok(Message::Text(text))) => self.answer(&text).await,
+                Some(Ok(Message::Text(text))) => {
+                    if let Some(reply) = self.commands.answer(&text).await {
+                        self.reply(reply).await;
+                    }
+                }
                 Some(Ok(Message::Binary(_))) => {
                     let rejection = Rejection::InvalidSchema {
                         message: "frames must be JSON text, not binary".into(),
@@ -198,114 +204,6 @@ impl Reader<'_> {
                 }
             }
         }
-    }
-
-    /// Answers one text frame; never ends the connection.
-    async fn answer(&self, text: &str) {
-        let limit = self.state.config.max_body_bytes;
-        if text.len() > limit {
-            let rejection = Rejection::PayloadTooLarge { limit_bytes: limit };
-            self.reply(protocol::error(None, &rejection)).await;
-            return;
-        }
-        let frame = match protocol::parse(text) {
-            Ok(frame) => frame,
-            Err(refused) => {
-                let reply = protocol::error(refused.req_id.as_deref(), &refused.rejection);
-                self.reply(reply).await;
-                return;
-            }
-        };
-        match frame {
-            ClientFrame::Ping { req_id } => self.reply(protocol::pong(req_id.as_deref())).await,
-            ClientFrame::Send {
-                req_id,
-                body,
-                correlation_id,
-            } => {
-                let reply = match self.send(body, correlation_id).await {
-                    Ok(accepted) => protocol::send_ack(req_id.as_deref(), &accepted),
-                    Err(rejection) => protocol::error(req_id.as_deref(), &rejection),
-                };
-                self.reply(reply).await;
-            }
-            ClientFrame::Ack {
-                req_id,
-                message_id,
-                state,
-            } => {
-                let reply = match super::receipt::take(self.state, self.user_id, &message_id, state)
-                    .await
-                {
-                    Ok(()) => protocol::ack_ok(req_id.as_deref()),
-                    Err(rejection) => {
-                        if let Rejection::Internal { reason } = &rejection {
-                            tracing::error!(%reason, "internal error taking a receipt");
-                        }
-                        protocol::error(req_id.as_deref(), &rejection)
-                    }
-                };
-                self.reply(reply).await;
-            }
-            ClientFrame::Sync {
-                req_id,
-                conversation_id,
-                after_seq,
-            } => {
-                let running = match self.sync_slot.take() {
-                    Ok(running) => running,
-                    Err(rejection) => {
-                        self.reply(protocol::error(req_id.as_deref(), &rejection))
-                            .await;
-                        return;
-                    }
-                };
-                let request = SyncRequest {
-                    req_id,
-                    conversation_id,
-                    after_seq,
-                    running,
-                };
-                // The slot was free, so the catch-up task is waiting for this request; it
-                // is gone only when the connection is ending, and then nothing needs an answer.
-                let _ = self.syncs.try_send(request);
-            }
-            ClientFrame::Refresh { req_id, token } => {
-                let refreshed = self
-                    .lifetime
-                    .refresh(&self.state.verifier, self.user_id, &token);
-                let reply = match refreshed {
-                    Ok(expires_at) => protocol::refreshed(req_id.as_deref(), expires_at),
-                    Err(rejection) => protocol::error(req_id.as_deref(), &rejection),
-                };
-                self.reply(reply).await;
-            }
-        }
-    }
-
-    /// A `send` frame: the HTTP send path from the in-flight bound on.
-    async fn send(
-        &self,
-        body: serde_json::Value,
-        correlation_id: Option<uuid::Uuid>,
-    ) -> Result<crate::routes::send::SendAccepted, Rejection> {
-        let started = Instant::now();
-        let state = self.state;
-        let accepted = async {
-            let _slot = send_slot(state)?;
-            state.rate_limit.check(self.user_id)?;
-            let correlation_id = correlation_id.unwrap_or_else(uuid::Uuid::new_v4);
-            accept(state, self.user_id, body, correlation_id, started).await
-        }
-        .await;
-        if let Err(rejection) = &accepted {
-            if let Rejection::Internal { reason } = rejection {
-                tracing::error!(%reason, "internal error");
-            }
-            let millis = started.elapsed().as_secs_f64() * 1000.0;
-            state.metrics.rejected(rejection, millis);
-        }
-        accepted
     }
 
     /// Queues a reply for the writer, waiting for room unless the connection ends first.
@@ -352,20 +250,10 @@ async fn write(
             Some(frame) = outbound.recv() => Message::Text(frame),
             Some(frame) = replies.recv() => Message::Text(frame),
         };
-        // Live frames already waiting go out in the same write. A client that stops reading
-        // blocks the write; the end (queue overflow, shutdown) must still get through.
-        let written = async {
-            sink.feed(message).await?;
-            for _ in 0..WRITE_BATCH {
-                let Ok(frame) = outbound.try_recv() else {
-                    break;
-                };
-                sink.feed(Message::Text(frame)).await?;
-            }
-            sink.flush().await
-        };
-        // A write that cannot finish within the heartbeat timeout means the client stopped
-        // reading, even if no more frames come to overflow its queue.
+        let written = write_batch(&mut sink, message, &mut outbound);
+        // A client that stops reading blocks the write; the end (queue overflow, shutdown)
+        // must still get through. A write that cannot finish within the heartbeat timeout
+        // means the client stopped reading, even if no more frames come to overflow its queue.
         tokio::select! {
             biased;
             () = ending.ended() => break,
@@ -384,7 +272,33 @@ async fn write(
         }
     }
 
-    let reason = ending.reason();
+    close(sink, replies, ending.reason()).await;
+}
+
+/// Writes `first` and the live frames already waiting behind it (up to [`WRITE_BATCH`]) in one
+/// flush. A client that stops reading blocks this; the caller bounds it.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    first: Message,
+    outbound: &mut mpsc::Receiver<Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    sink.feed(first).await?;
+    for _ in 0..WRITE_BATCH {
+        let Ok(frame) = outbound.try_recv() else {
+            break;
+        };
+        sink.feed(Message::Text(frame)).await?;
+    }
+    sink.flush().await
+}
+
+/// Ends the socket for `reason`: the replies still queued when the reason lets them out, then
+/// the close frame, all within [`CLOSE_TIMEOUT`].
+async fn close(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut replies: mpsc::Receiver<Utf8Bytes>,
+    reason: CloseReason,
+) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         if reason.flushes_replies() {
             while let Ok(frame) = replies.try_recv() {

@@ -11,10 +11,12 @@
 //! ```
 //!
 //! [`node`] keeps the registry, the subscriptions and presence; [`connection`] runs one
-//! socket; [`protocol`] is the frame format; [`sync`] is catch-up from Postgres; [`receipt`]
-//! takes delivered/read acks; [`expiry`] closes a socket when its token expires.
+//! socket; [`commands`] is what each client frame does; [`protocol`] is the frame format;
+//! [`sync`] is catch-up from Postgres; [`receipt`] takes delivered/read acks; [`expiry`]
+//! closes a socket when its token expires.
 
 pub mod close;
+pub mod commands;
 pub mod connection;
 pub mod expiry;
 mod metrics;

@@ -305,7 +305,10 @@ async fn forward(
                 continue;
             }
         };
-        for socket in lock(sockets).iter() {
+        let sockets = lock(sockets);
+        let span = crate::trace::deliver_span(message.headers.as_ref(), sockets.len());
+        let _in_span = span.enter();
+        for socket in sockets.iter() {
             socket.offer(user_id, frame.clone());
         }
     }

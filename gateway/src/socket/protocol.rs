@@ -58,39 +58,21 @@ pub struct FrameError {
 
 /// Reads a text frame.
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
-    let refuse = |req_id: Option<String>, rejection: Rejection| FrameError { req_id, rejection };
-    let value: Value = serde_json::from_str(text).map_err(|error| {
-        refuse(
-            None,
-            Rejection::InvalidSchema {
-                message: format!("frame is not valid JSON: {error}"),
-                details: json!({"line": error.line(), "column": error.column()}),
-            },
-        )
-    })?;
-    let Value::Object(mut object) = value else {
-        return Err(refuse(None, invalid("a frame must be a JSON object")));
+    let anonymous = |rejection| FrameError {
+        req_id: None,
+        rejection,
     };
-    let req_id = req_id(&mut object).map_err(|rejection| refuse(None, rejection))?;
-    let kind = match object.remove("type") {
-        Some(Value::String(kind)) => kind,
-        Some(_) => return Err(refuse(req_id, field_type("type", "a string"))),
-        None => {
-            return Err(refuse(
-                req_id,
-                Rejection::MissingRequiredField {
-                    field: "type".into(),
-                },
-            ));
-        }
+    let mut object = json_object(text).map_err(anonymous)?;
+    let req_id = req_id(&mut object).map_err(anonymous)?;
+    // Only a refusal needs its own copy of the id; a frame takes the id itself.
+    let refuse = |rejection| FrameError {
+        req_id: req_id.clone(),
+        rejection,
     };
+    let kind = frame_type(&mut object).map_err(refuse)?;
     match kind.as_str() {
         "send" => {
-            let correlation_id = match object.remove("correlationId") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(id)) => Uuid::parse_str(&id).ok(),
-                Some(_) => return Err(refuse(req_id, field_type("correlationId", "a string"))),
-            };
+            let correlation_id = correlation_id(&mut object).map_err(refuse)?;
             Ok(ClientFrame::Send {
                 req_id,
                 body: Value::Object(object),
@@ -98,30 +80,8 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             })
         }
         "sync" => {
-            let conversation_id = match object.get("conversationId") {
-                Some(Value::String(id)) => id.clone(),
-                Some(Value::Null) | None => {
-                    return Err(refuse(
-                        req_id,
-                        Rejection::MissingRequiredField {
-                            field: "conversationId".into(),
-                        },
-                    ));
-                }
-                Some(_) => return Err(refuse(req_id, field_type("conversationId", "a string"))),
-            };
-            let after_seq = match object.get("afterSeq") {
-                Some(Value::Null) | None => 0,
-                Some(value) => match value.as_i64() {
-                    Some(seq) if seq >= 0 => seq,
-                    _ => {
-                        return Err(refuse(
-                            req_id,
-                            field_type("afterSeq", "a non-negative integer"),
-                        ));
-                    }
-                },
-            };
+            let conversation_id = required_string(&object, "conversationId").map_err(refuse)?;
+            let after_seq = after_seq(&object).map_err(refuse)?;
             Ok(ClientFrame::Sync {
                 req_id,
                 conversation_id,
@@ -130,69 +90,91 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         }
         "ping" => Ok(ClientFrame::Ping { req_id }),
         "ack" => {
-            let message_id = match object.get("messageId") {
-                Some(Value::String(id)) => id.clone(),
-                Some(Value::Null) | None => {
-                    return Err(refuse(
-                        req_id,
-                        Rejection::MissingRequiredField {
-                            field: "messageId".into(),
-                        },
-                    ));
-                }
-                Some(_) => return Err(refuse(req_id, field_type("messageId", "a string"))),
-            };
-            let state = match object.get("state") {
-                Some(Value::String(state)) => ReceiptState::parse(state),
-                Some(Value::Null) | None => {
-                    return Err(refuse(
-                        req_id,
-                        Rejection::MissingRequiredField {
-                            field: "state".into(),
-                        },
-                    ));
-                }
-                Some(_) => None,
-            };
-            let Some(state) = state else {
-                return Err(refuse(
-                    req_id,
-                    Rejection::InvalidSchema {
-                        message: "state must be \"delivered\" or \"read\"".into(),
-                        details: json!({"field": "state", "expected": ["delivered", "read"]}),
-                    },
-                ));
-            };
+            let message_id = required_string(&object, "messageId").map_err(refuse)?;
+            let state = receipt_state(&object).map_err(refuse)?;
             Ok(ClientFrame::Ack {
                 req_id,
                 message_id,
                 state,
             })
         }
-        "refresh" => match object.get("token") {
-            Some(Value::String(token)) => Ok(ClientFrame::Refresh {
-                req_id,
-                token: token.clone(),
+        "refresh" => {
+            let token = required_string(&object, "token").map_err(refuse)?;
+            Ok(ClientFrame::Refresh { req_id, token })
+        }
+        other => Err(refuse(Rejection::InvalidSchema {
+            message: format!("unknown frame type {other:?}"),
+            details: json!({
+                "type": other,
+                "expected": ["send", "sync", "ping", "ack", "refresh"],
             }),
-            Some(Value::Null) | None => Err(refuse(
-                req_id,
-                Rejection::MissingRequiredField {
-                    field: "token".into(),
-                },
-            )),
-            Some(_) => Err(refuse(req_id, field_type("token", "a string"))),
-        },
-        other => Err(refuse(
-            req_id,
-            Rejection::InvalidSchema {
-                message: format!("unknown frame type {other:?}"),
-                details: json!({
-                    "type": other,
-                    "expected": ["send", "sync", "ping", "ack", "refresh"],
-                }),
-            },
-        )),
+        })),
     }
+}
+
+/// The frame as a JSON object, the only shape a frame has.
+fn json_object(text: &str) -> Result<Map<String, Value>, Rejection> {
+    let value: Value = serde_json::from_str(text).map_err(|error| Rejection::InvalidSchema {
+        message: format!("frame is not valid JSON: {error}"),
+        details: json!({"line": error.line(), "column": error.column()}),
+    })?;
+    match value {
+        Value::Object(object) => Ok(object),
+        _ => Err(invalid("a frame must be a JSON object")),
+    }
+}
+
+/// Takes `type` out of the frame: the kind of frame, a string.
+fn frame_type(object: &mut Map<String, Value>) -> Result<String, Rejection> {
+    match object.remove("type") {
+        Some(Value::String(kind)) => Ok(kind),
+        Some(_) => Err(field_type("type", "a string")),
+        None => Err(missing("type")),
+    }
+}
+
+/// Takes a `send` frame's `correlationId` out of it: a UUID string, or none. A string that is
+/// no UUID is ignored, as HTTP ignores such an `X-Correlation-Id`, and a new id is made.
+fn correlation_id(object: &mut Map<String, Value>) -> Result<Option<Uuid>, Rejection> {
+    match object.remove("correlationId") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) => Ok(Uuid::parse_str(&id).ok()),
+        Some(_) => Err(field_type("correlationId", "a string")),
+    }
+}
+
+/// A string field the frame must have (null counts as missing).
+fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, Rejection> {
+    match object.get(field) {
+        Some(Value::String(value)) => Ok(value.clone()),
+        Some(Value::Null) | None => Err(missing(field)),
+        Some(_) => Err(field_type(field, "a string")),
+    }
+}
+
+/// A `sync` frame's `afterSeq`: a non-negative integer, 0 when absent.
+fn after_seq(object: &Map<String, Value>) -> Result<i64, Rejection> {
+    match object.get("afterSeq") {
+        Some(Value::Null) | None => Ok(0),
+        Some(value) => match value.as_i64() {
+            Some(seq) if seq >= 0 => Ok(seq),
+            _ => Err(field_type("afterSeq", "a non-negative integer")),
+        },
+    }
+}
+
+/// An `ack` frame's `state`: `delivered` or `read`; any other value, of any type, is refused
+/// as the one schema error that lists both.
+fn receipt_state(object: &Map<String, Value>) -> Result<ReceiptState, Rejection> {
+    let state = match object.get("state") {
+        Some(Value::String(state)) => state.parse::<ReceiptState>().ok(),
+        Some(Value::Null) | None => return Err(missing("state")),
+        Some(_) => None,
+    };
+    state.ok_or_else(|| Rejection::InvalidSchema {
+        message: "state must be \"delivered\" or \"read\"".into(),
+        details: json!({"field": "state", "expected": ["delivered", "read"]}),
+    })
 }
 
 /// Takes `reqId` out of the frame: absent, or a string of bounded length.
@@ -213,6 +195,12 @@ fn invalid(message: &str) -> Rejection {
     Rejection::InvalidSchema {
         message: message.into(),
         details: json!({}),
+    }
+}
+
+fn missing(field: &str) -> Rejection {
+    Rejection::MissingRequiredField {
+        field: field.into(),
     }
 }
 

@@ -21,12 +21,14 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use hotpath_core::receipts::{Receipt, ReceiptState};
+use hotpath_core::domain::ReceiptState;
+use hotpath_core::receipts::Receipt;
 use hotpath_core::rejection::Rejection;
 use uuid::Uuid;
 
 use crate::http::db_error;
 use crate::state::AppState;
+use crate::store::messages;
 
 /// How long a gateway remembers a (message, recipient) pair and what it published for it.
 pub const RECEIPT_MEMORY: Duration = Duration::from_secs(600);
@@ -63,15 +65,11 @@ pub async fn take(
     let target = match state.receipt_targets.get(&key).await {
         Some(target) => target,
         None => {
-            let row: Option<(Uuid,)> = sqlx::query_as(
-                "SELECT conversation_id FROM messages WHERE id = $1 AND $2 = ANY(recipient_ids)",
-            )
-            .bind(message_id)
-            .bind(user_id)
-            .fetch_optional(&state.queries)
-            .await
-            .map_err(db_error)?;
-            let (conversation_id,) = row.ok_or_else(not_found)?;
+            let conversation_id =
+                messages::conversation_of_recipient(&state.queries, message_id, user_id)
+                    .await
+                    .map_err(db_error)?
+                    .ok_or_else(not_found)?;
             let target = ReceiptTarget {
                 conversation_id,
                 published: None,

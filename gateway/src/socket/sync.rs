@@ -25,9 +25,10 @@ use uuid::Uuid;
 
 use super::close::Ending;
 use super::protocol;
+use crate::http::db_error;
 use crate::routes::conversations::member_of;
-use crate::routes::status::read_history;
 use crate::state::AppState;
+use crate::store::messages;
 
 /// Messages read from Postgres per query.
 const PAGE: i64 = 200;
@@ -111,9 +112,9 @@ async fn catch_up(
     };
     let mut last_seq = request.after_seq;
     loop {
-        let rows = match read_history(state, conversation_id, last_seq, PAGE).await {
-            Ok(page) => page.messages,
-            Err(rejection) => return Ok(Err(rejection)),
+        let rows = match messages::history(&state.queries, conversation_id, last_seq, PAGE).await {
+            Ok(rows) => rows,
+            Err(error) => return Ok(Err(db_error(error))),
         };
         let full_page = rows.len() as i64 == PAGE;
         for row in rows {

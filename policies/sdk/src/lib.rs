@@ -47,6 +47,9 @@
 //! (`{}`) so the verdict stays within the host's output limit; a normalised request that is
 //! too large, or not a JSON object, is left as it is and the host reports the failure.
 
+#[cfg(target_arch = "wasm32")]
+mod heap;
+
 use std::fmt;
 
 use serde::Deserialize;
