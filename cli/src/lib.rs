@@ -4,6 +4,7 @@
 // Small functions read as their steps (see clippy.toml).
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
+pub mod delivery_runtime;
 pub mod dlq;
 pub mod nats_target;
 pub mod policy;

@@ -23,6 +23,7 @@ use hotpath_core::config::Config;
 use hotpath_localstack::{NatsOptions, NatsServer, Ports, Postgres, free_port};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery_runtime::DeliveryRuntime;
 use crate::roles;
 
 /// What `hotpath up` was asked to run besides the servers. Any of the three given (on the
@@ -152,8 +153,14 @@ async fn run_until_signal(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     roles::prepare(config).await?;
-    let mut consumers = roles::spawn_consumers(config.clone(), shutdown.clone()).await?;
-    let mut push = roles::spawn_push(config.clone(), None, shutdown.clone()).await?;
+    // The delivery side on threads of its own, below the gateway's priority (ADR 0013).
+    let delivery = DeliveryRuntime::start(config.delivery_niceness)?;
+    let mut consumers = delivery
+        .spawn(roles::spawn_consumers(config.clone(), shutdown.clone()))
+        .await?;
+    let mut push = delivery
+        .spawn(roles::spawn_push(config.clone(), None, shutdown.clone()))
+        .await?;
     let (addr, mut gateway) = roles::spawn_gateway(config.clone(), shutdown.clone()).await?;
     print_welcome(addr, config, data_dir)?;
 

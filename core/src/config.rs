@@ -237,6 +237,13 @@ pub struct Config {
     #[arg(long, env = "HOTPATH_HISTORY_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub history_cache_bytes: u64,
 
+    /// `hotpath up` only, where the gateway and the delivery side share one process: how much
+    /// lower (a nice value, 0–19) the delivery side's threads run, so under a spike the gateway
+    /// keeps answering while persisting and fanout fall behind; 0 runs both alike.
+    #[arg(long, env = "HOTPATH_DELIVERY_NICENESS", default_value_t = 10,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub delivery_niceness: i32,
+
     /// This consumer replica's index k: it owns the partitions p with p mod n == k.
     #[arg(long, env = "HOTPATH_CONSUMER_REPLICA", default_value_t = 0)]
     pub consumer_replica: u32,
@@ -803,8 +810,11 @@ impl Config {
         )?;
         write!(
             f,
-            "consumer_replica={}/{} lease_ttl_secs={}",
-            self.consumer_replica, self.consumer_replicas, self.lease_ttl_secs
+            "consumer_replica={}/{} lease_ttl_secs={} delivery_niceness={}",
+            self.consumer_replica,
+            self.consumer_replicas,
+            self.lease_ttl_secs,
+            self.delivery_niceness
         )?;
         Ok(())
     }

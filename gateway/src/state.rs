@@ -1,4 +1,8 @@
 //! What every request handler shares.
+//!
+//! axum hands each handler and layer its own copy of the state, several times per request;
+//! so [`AppState`] is one pointer to the shared parts ([`Shared`]), and a copy costs one
+//! reference count, not one per cache, pool and client inside.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +25,19 @@ use crate::rate_limit::RateLimit;
 use crate::socket::SocketNode;
 use crate::socket::receipt::{RECEIPT_MEMORY, ReceiptTarget};
 
+/// The state of a gateway's routes: a cheap handle on [`Shared`], which it dereferences to.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub config: Arc<Config>,
     pub verifier: Arc<TokenVerifier>,
     /// The pool of writes (conversations, devices), readiness, and the send path's rare
@@ -81,7 +96,7 @@ impl AppState {
         let rate_limit = RateLimit::new(config.rate_per_user, config.rate_burst);
         let ack_rate = RateLimit::new(config.ack_rate_per_user, config.ack_rate_burst);
         let membership_rate = RateLimit::per_minute(config.membership_rate_per_min);
-        AppState {
+        AppState(Arc::new(Shared {
             verifier: Arc::new(verifier),
             pool: databases.writes,
             queries: databases.queries,
@@ -106,6 +121,6 @@ impl AppState {
                 .time_to_live(RECEIPT_MEMORY)
                 .build(),
             config: Arc::new(config),
-        }
+        }))
     }
 }
