@@ -11,6 +11,7 @@ mod auth;
 mod body;
 mod params;
 pub mod rejections;
+mod verified_tokens;
 
 use axum::Json;
 use axum::http::header::RETRY_AFTER;
@@ -21,6 +22,7 @@ use hotpath_core::rejection::Rejection;
 pub use auth::AuthUser;
 pub use body::{BoundedJson, typed};
 pub use params::{Path, Query};
+pub use verified_tokens::VerifiedTokens;
 
 /// A rejection on its way to the client. Its response carries the [`Rejection`] in its
 /// extensions, for [`rejections`].

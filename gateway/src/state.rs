@@ -17,6 +17,7 @@ use crate::backlog::{Backlog, Bound};
 use crate::databases::Databases;
 use crate::facts::Facts;
 use crate::history_pages::HistoryPages;
+use crate::http::VerifiedTokens;
 use crate::known_messages::KnownMessages;
 use crate::metrics::ProducerMetrics;
 use crate::policies::{ActiveChain, PolicyMetrics};
@@ -40,6 +41,8 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     pub config: Arc<Config>,
     pub verifier: Arc<TokenVerifier>,
+    /// Tokens verified within the last minute, so a request with one costs no signature check.
+    pub verified_tokens: VerifiedTokens,
     /// The pool of writes (conversations, devices), readiness, and the send path's rare
     /// duplicate lookups (`duplicates`).
     pub pool: PgPool,
@@ -98,6 +101,7 @@ impl AppState {
         let membership_rate = RateLimit::per_minute(config.membership_rate_per_min);
         AppState(Arc::new(Shared {
             verifier: Arc::new(verifier),
+            verified_tokens: VerifiedTokens::new(config.jwt_leeway_secs),
             pool: databases.writes,
             queries: databases.queries,
             nats,

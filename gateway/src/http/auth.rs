@@ -20,7 +20,8 @@ use axum::http::request::Parts;
 use super::ApiError;
 use crate::state::AppState;
 
-/// The authenticated user of a request: the subject of its bearer token. Waits on the network
+/// The authenticated user of a request: the subject of its bearer token, verified once per
+/// [`super::verified_tokens::TRUST_FOR`] ([`super::VerifiedTokens`]). Waits on the network
 /// only for a token signed by a key the identity provider's cached key set lacks (see
 /// [`TokenVerifier::verify_bearer_or_refetch`]).
 ///
@@ -36,7 +37,10 @@ impl FromRequestParts<AppState> for AuthUser {
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let verified = state.verifier.verify_bearer_or_refetch(header).await?;
+        let verified = state
+            .verified_tokens
+            .verify(&state.verifier, header)
+            .await?;
         Ok(AuthUser(verified.user_id))
     }
 }
