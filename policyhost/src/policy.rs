@@ -91,8 +91,12 @@ pub(crate) struct StoreState {
 /// the kernel's exact per-thread CPU clock, user and system time together: `getrusage`'s
 /// user-mode split is estimated from timer-tick samples and, over a window of a few
 /// milliseconds, can charge a policy for kernel time it never caused.
+///
+/// Reading the thread's CPU clock is a system call (it is not in the vDSO), so it is read once
+/// per evaluation to open the window, not also at the start of instantiation.
 struct Budget {
-    cpu_start: Duration,
+    /// The thread's CPU time when the module's code started; `None` until then.
+    cpu_start: Option<Duration>,
     wall_start: Instant,
     /// Which limit interrupted the evaluation, if one did.
     exceeded: Option<Limit>,
@@ -107,7 +111,7 @@ enum Limit {
 impl Budget {
     fn start() -> Budget {
         Budget {
-            cpu_start: thread_cpu_time(),
+            cpu_start: None,
             wall_start: Instant::now(),
             exceeded: None,
         }
@@ -115,13 +119,15 @@ impl Budget {
 
     /// The instance is ready and the module's code is about to run: the CPU window opens.
     fn module_runs(&mut self) {
-        self.cpu_start = thread_cpu_time();
+        self.cpu_start = Some(thread_cpu_time());
     }
 
     /// The epoch deadline came: interrupt, or move the deadline to when the rest of the CPU
     /// budget could be spent if the thread ran all the time.
     fn on_epoch_deadline(&mut self) -> UpdateDeadline {
-        let used = thread_cpu_time().saturating_sub(self.cpu_start);
+        let now = thread_cpu_time();
+        // A deadline during instantiation (a module's start function): the window opens now.
+        let used = now.saturating_sub(*self.cpu_start.get_or_insert(now));
         if used >= DEADLINE {
             self.exceeded = Some(Limit::Cpu);
             return UpdateDeadline::Interrupt;
