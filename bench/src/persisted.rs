@@ -43,6 +43,7 @@ pub struct Persisted {
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LagPercentiles {
     pub p50: f64,
+    pub p95: f64,
     pub p99: f64,
     pub max: f64,
 }
@@ -105,8 +106,9 @@ async fn summarize(
         Option<f64>,
         Option<f64>,
         Option<f64>,
+        Option<f64>,
     );
-    let (count, last, p50, p99, max): Row = sqlx::query_as(
+    let (count, last, p50, p95, p99, max): Row = sqlx::query_as(
         "WITH lag AS (
              SELECT persisted_at, extract(epoch FROM persisted_at - accepted_at)::float8 * 1000 AS ms
                FROM messages
@@ -114,6 +116,7 @@ async fn summarize(
          )
          SELECT count(*), max(persisted_at),
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY ms),
                 percentile_cont(0.99) WITHIN GROUP (ORDER BY ms),
                 max(ms)
            FROM lag",
@@ -139,6 +142,7 @@ async fn summarize(
         drain_secs: seconds_between(window.last_answer, last),
         accept_to_persist_ms: LagPercentiles {
             p50: p50.unwrap_or(0.0),
+            p95: p95.unwrap_or(0.0),
             p99: p99.unwrap_or(0.0),
             max: max.unwrap_or(0.0),
         },

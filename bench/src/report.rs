@@ -503,13 +503,14 @@ fn write_persisted(out: &mut String, phase: &str, p: &Persisted) -> std::fmt::Re
     writeln!(
         out,
         "persisted    {phase} phase: {}/{} rows{} at {:.0} msg/s; drained {:.2} s after the last \
-         answer; accept->persist p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+         answer; accept->persist p50 {:.0} ms p95 {:.0} ms p99 {:.0} ms max {:.0} ms",
         p.persisted,
         p.expected,
         if p.complete { "" } else { " (INCOMPLETE)" },
         p.msgs_per_sec,
         p.drain_secs,
         p.accept_to_persist_ms.p50,
+        p.accept_to_persist_ms.p95,
         p.accept_to_persist_ms.p99,
         p.accept_to_persist_ms.max
     )
