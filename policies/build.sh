@@ -2,7 +2,8 @@
 # Builds every policy module into policies/dist/, with its test vectors beside it:
 #   dist/schema.wasm        dist/schema.vectors.json          (the shipped policies, Rust)
 #   dist/authz.wasm         dist/authz.vectors.json
-#   dist/banned-word-c.wasm dist/banned-word-c.vectors.json   (the C example)
+#   dist/banned-word-c.wasm dist/banned-word-c.vectors.json   (the C example, no SDK)
+#   dist/link-limit-c.wasm  dist/link-limit-c.vectors.json    (a rule written with sdk-c/)
 # then checks that each module imports nothing and exports exactly what policies/ABI.md asks.
 #
 # Idempotent, and quick when nothing changed. On a fresh Debian 12 machine it first installs
@@ -58,8 +59,9 @@ started=$SECONDS
         -Zbuild-std=std,panic_abort
 )
 
-# The C example.
+# The C examples (link-limit-c's build runs the C SDK's unit tests first).
 "$POLICIES/examples/banned-word-c/build.sh" "$POLICIES/target/banned-word-c/banned-word.wasm"
+"$POLICIES/examples/link-limit-c/build.sh" "$POLICIES/target/link-limit-c/link-limit.wasm"
 
 # Into dist/, touching only what changed (a rename, so a reader never sees half a file).
 mkdir -p "$DIST"
@@ -74,11 +76,13 @@ publish() {
 publish "$WASM_OUT/schema.wasm" schema.wasm
 publish "$WASM_OUT/authz.wasm" authz.wasm
 publish "$POLICIES/target/banned-word-c/banned-word.wasm" banned-word-c.wasm
+publish "$POLICIES/target/link-limit-c/link-limit.wasm" link-limit-c.wasm
 publish "$POLICIES/schema/vectors.json" schema.vectors.json
 publish "$POLICIES/authz/vectors.json" authz.vectors.json
 publish "$POLICIES/examples/banned-word-c/vectors.json" banned-word-c.vectors.json
+publish "$POLICIES/examples/link-limit-c/vectors.json" link-limit-c.vectors.json
 
-MODULES=("$DIST/schema.wasm" "$DIST/authz.wasm" "$DIST/banned-word-c.wasm")
+MODULES=("$DIST/schema.wasm" "$DIST/authz.wasm" "$DIST/banned-word-c.wasm" "$DIST/link-limit-c.wasm")
 # Operators' own rules: policies/rules/<name>/ → dist/<name>.wasm (+ vectors).
 for rule in "$POLICIES"/rules/*/; do
     [ -f "$rule/Cargo.toml" ] || continue
