@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use hotpath::policy::{PolicyCommand, run as policy};
+use hotpath::policy::{PolicyCommand, PushMode, run as policy};
 use hotpath_core::policy_store::PolicyStore;
 use serde_json::{Value, json};
 use support::{System, metric_sum, text};
@@ -39,6 +39,9 @@ async fn push(
         vectors,
         on_error: "deny".into(),
         no_local_check: !local_check,
+        mode: PushMode::Enforce,
+        percent: None,
+        sample_content: false,
     };
     policy(command, &system.nats_target()).await.expect("push");
 }

@@ -7,7 +7,14 @@
 //!   Every gateway watches it; a change is a swap. Updates use compare-and-set on the key's
 //!   revision, so two concurrent pushes cannot lose one another.
 //! * Each gateway reports what it actually runs (or refused, and why) under its own key in the
-//!   KV bucket `POLICY_STATUS`, which expires keys of gateways that stopped reporting.
+//!   KV bucket `POLICY_STATUS`, which expires keys of gateways that stopped reporting, with
+//!   what each policy decided since it was activated.
+//! * A policy can be tried before it decides anything: a **candidate** of the chain
+//!   ([`Candidate`]) runs in `shadow` mode (evaluated after the enforcing chain, its verdict
+//!   only counted) or as a `canary` (enforcing for a stable share of senders, shadow for the
+//!   rest), until `promote` makes it enforcing or `rollback` drops it. Where a candidate's
+//!   verdict differs from the enforcing chain's, gateways publish a sampled, redacted
+//!   [`DecisionSample`] into the stream `POLICY_DECISIONS` (`hotpath policy diff`).
 
 use std::time::Duration;
 
@@ -23,6 +30,14 @@ pub const MODULES_BUCKET: &str = "POLICY_MODULES";
 pub const CHAIN_BUCKET: &str = "POLICY_CHAIN";
 pub const STATUS_BUCKET: &str = "POLICY_STATUS";
 pub const CHAIN_KEY: &str = "active";
+pub const DECISIONS_STREAM: &str = "POLICY_DECISIONS";
+/// `hotpath.policy.decisions.<policy>`: one subject per policy, so `diff` reads only its own.
+pub const DECISIONS_SUBJECT_PREFIX: &str = "hotpath.policy.decisions";
+/// How long decision samples are kept, and the most bytes they may take.
+pub const DECISIONS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DECISIONS_MAX_BYTES: i64 = 64 * 1024 * 1024;
+/// The longest policy name; names are letters, digits, `-` and `_` (they are subject tokens).
+pub const MAX_NAME_LEN: usize = 64;
 
 /// The active chain, in evaluation order.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -32,6 +47,131 @@ pub struct Chain {
     pub version: u64,
     pub updated_at: Option<DateTime<Utc>>,
     pub policies: Vec<ChainEntry>,
+    /// Policies on trial (shadow or canary), at most one per name. A candidate named like an
+    /// enforcing policy is that policy's next version; otherwise it is a new policy that
+    /// `promote` appends to the chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
+}
+
+/// How a policy takes part in the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Its verdict is the answer (the chain's policies).
+    #[default]
+    Enforce,
+    /// Evaluated after the enforcing chain on every send; its verdict is only counted.
+    Shadow,
+    /// Enforcing for `percent`% of senders (a stable hash of the user id), shadow for the rest.
+    Canary,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+            Mode::Canary => "canary",
+        }
+    }
+}
+
+/// A policy on trial.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Candidate {
+    pub name: String,
+    pub digest: String,
+    pub on_error: String,
+    /// `shadow` or `canary`.
+    pub mode: Mode,
+    /// The canary's share of senders, 0–100 (0 for a shadow).
+    #[serde(default)]
+    pub percent: u8,
+    /// Whether decision samples may carry the message's content (off unless the operator
+    /// opted in for this policy).
+    #[serde(default)]
+    pub sample_content: bool,
+    pub activated_at: DateTime<Utc>,
+}
+
+impl Candidate {
+    /// Whether this candidate decides for `user_id`: never for a shadow; for a canary, when the
+    /// user's stable bucket ([`canary_bucket`]) is below its percent.
+    pub fn enforces_for(&self, user_id: &str) -> bool {
+        self.mode == Mode::Canary && canary_bucket(&self.name, user_id) < self.percent
+    }
+}
+
+/// The user's bucket (0–99) for policy `policy`'s canary: the same on every gateway and every
+/// run, so a sender's experience is consistent, and independent between policies, so one
+/// set of users does not carry every canary.
+pub fn canary_bucket(policy: &str, user_id: &str) -> u8 {
+    let mut hasher = Sha256::new();
+    hasher.update(policy.as_bytes());
+    hasher.update([0]);
+    hasher.update(user_id.as_bytes());
+    let hash = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    (u64::from_be_bytes(first) % 100) as u8
+}
+
+/// Checks a policy name: 1–64 letters, digits, `-` or `_`.
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "a policy name is 1 to {MAX_NAME_LEN} letters, digits, '-' or '_' (got {name:?})"
+    );
+    Ok(())
+}
+
+/// The subject decision samples of `policy` go to.
+pub fn decisions_subject(policy: &str) -> String {
+    format!("{DECISIONS_SUBJECT_PREFIX}.{policy}")
+}
+
+/// One verdict, as a sample records it: `allow`, or `reject` with the code, or `failed` with
+/// the failure's kind (what the policy's `on_error` then made of it is the enforced verdict).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SampledVerdict {
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// A send on which a candidate's verdict differed from the enforcing chain's. Redacted: ids,
+/// lengths and the content type; the content only when the candidate has `sample_content`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionSample {
+    pub policy: String,
+    pub digest: String,
+    pub mode: Mode,
+    pub gateway: String,
+    pub at: DateTime<Utc>,
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// Characters of `content` when it is a string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_chars: Option<usize>,
+    /// What the enforcing chain answered.
+    pub enforced: SampledVerdict,
+    /// What the candidate would have answered.
+    pub candidate: SampledVerdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +201,31 @@ pub struct GatewayStatus {
     pub reason: Option<String>,
     /// name → digest of what the gateway runs now.
     pub running: Vec<(String, String)>,
+    /// What each enforcing policy and candidate decided on this gateway since it was
+    /// activated.
+    #[serde(default)]
+    pub counts: Vec<PolicyCounts>,
+}
+
+/// One policy's decisions on one gateway since its activation (`activated_at`): counted
+/// separately for each (name, digest, mode, activation), summed over gateways by `policy list`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCounts {
+    pub name: String,
+    pub digest: String,
+    pub mode: Mode,
+    pub activated_at: Option<DateTime<Utc>>,
+    pub evaluated: u64,
+    /// Rejections (for a candidate evaluated in shadow: would-be rejections).
+    pub rejected: u64,
+    pub failed: u64,
+    /// Candidates only: sends on which it enforced (a canary's share).
+    #[serde(default)]
+    pub enforced: u64,
+    /// Candidates only: shadow evaluations whose verdict differed from the enforcing chain's.
+    #[serde(default)]
+    pub differed: u64,
 }
 
 /// SHA-256 hex of a module's bytes: its name in the store.
@@ -120,7 +285,63 @@ impl PolicyStore {
         }
         crate::streams::ensure_replicas(js, &format!("OBJ_{MODULES_BUCKET}"), replicas).await?;
         crate::streams::ensure_key_value(js, chain_config(replicas)).await?;
-        crate::streams::ensure_key_value(js, status_config(replicas)).await
+        crate::streams::ensure_key_value(js, status_config(replicas)).await?;
+        js.create_or_update_stream(decisions_config(replicas))
+            .await
+            .context("creating or updating the POLICY_DECISIONS stream")?;
+        Ok(())
+    }
+
+    /// The last `limit` decision samples of `policy`, oldest first.
+    pub async fn decisions(
+        js: &jetstream::Context,
+        policy: &str,
+        limit: usize,
+    ) -> anyhow::Result<Vec<DecisionSample>> {
+        let mut stream = js
+            .get_stream(DECISIONS_STREAM)
+            .await
+            .context("opening the POLICY_DECISIONS stream")?;
+        let subject = decisions_subject(policy);
+        let stored = stream
+            .info()
+            .await
+            .context("reading POLICY_DECISIONS")?
+            .state
+            .messages;
+        let mut samples = std::collections::VecDeque::with_capacity(limit.min(1024));
+        if stored == 0 || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .context("reading POLICY_DECISIONS")?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .context("reading POLICY_DECISIONS")?;
+        loop {
+            // An empty subject delivers nothing: the wait ends the read.
+            let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
+            let Ok(Some(message)) = next else { break };
+            let message = message.context("reading POLICY_DECISIONS")?;
+            let pending = message.info().map(|info| info.pending).unwrap_or(0);
+            if let Ok(sample) = serde_json::from_slice::<DecisionSample>(&message.payload) {
+                if samples.len() == limit {
+                    samples.pop_front();
+                }
+                samples.push_back(sample);
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(samples.into())
     }
 
     /// Opens the buckets, creating them (one replica) if set-up has not
@@ -202,42 +423,75 @@ impl PolicyStore {
     }
 
     /// Makes `digest` the module of policy `name`: replaces it in place (remembering the old
-    /// digest for rollback) or appends it to the end of the chain.
+    /// digest for rollback) or appends it to the end of the chain. A candidate of the same
+    /// name is dropped: pushing an enforcing version is the operator's decision.
     pub async fn activate(
         &self,
         name: &str,
         digest: &str,
         on_error: &str,
     ) -> anyhow::Result<Chain> {
+        check_name(name)?;
         self.change(|chain| {
-            let now = Utc::now();
-            match chain.policies.iter_mut().find(|p| p.name == name) {
-                Some(entry) => {
-                    if entry.digest != digest {
-                        entry
-                            .previous
-                            .push(std::mem::replace(&mut entry.digest, digest.to_string()));
-                    }
-                    entry.on_error = on_error.to_string();
-                    entry.activated_at = now;
-                }
-                None => chain.policies.push(ChainEntry {
-                    name: name.to_string(),
-                    digest: digest.to_string(),
-                    on_error: on_error.to_string(),
-                    activated_at: now,
-                    previous: Vec::new(),
-                }),
+            chain.candidates.retain(|c| c.name != name);
+            enforce(chain, name, digest, on_error);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Puts `candidate` on trial (`shadow` or `canary`), replacing a candidate of the same
+    /// name; the enforcing chain is unchanged.
+    pub async fn try_out(&self, candidate: Candidate) -> anyhow::Result<Chain> {
+        check_name(&candidate.name)?;
+        anyhow::ensure!(
+            candidate.mode != Mode::Enforce,
+            "a candidate runs in shadow or canary mode"
+        );
+        anyhow::ensure!(candidate.percent <= 100, "a canary's percent is 0 to 100");
+        self.change(|chain| {
+            let mut candidate = candidate.clone();
+            candidate.activated_at = Utc::now();
+            match chain
+                .candidates
+                .iter_mut()
+                .find(|c| c.name == candidate.name)
+            {
+                Some(existing) => *existing = candidate,
+                None => chain.candidates.push(candidate),
             }
             Ok(())
         })
         .await
     }
 
-    /// Puts policy `name` back on the digest it had before its last change; a policy that was
+    /// Makes candidate `name` enforcing, in one change of the chain: it replaces the policy of
+    /// that name in place (remembering the old digest for rollback) or is appended.
+    pub async fn promote(&self, name: &str) -> anyhow::Result<Chain> {
+        self.change(|chain| {
+            let position = chain
+                .candidates
+                .iter()
+                .position(|c| c.name == name)
+                .with_context(|| {
+                    format!("no policy named {name} is on trial (shadow or canary)")
+                })?;
+            let candidate = chain.candidates.remove(position);
+            enforce(chain, name, &candidate.digest, &candidate.on_error);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Drops candidate `name` if there is one (the enforcing chain is untouched). Otherwise
+    /// puts policy `name` back on the digest it had before its last change; a policy that was
     /// never changed since it was added is taken out of the chain (the chain before it).
     pub async fn rollback(&self, name: &str) -> anyhow::Result<Chain> {
         self.change(|chain| {
+            if let Some(position) = chain.candidates.iter().position(|c| c.name == name) {
+                chain.candidates.remove(position);
+                return Ok(());
+            }
             let position = chain
                 .policies
                 .iter()
@@ -330,6 +584,29 @@ impl PolicyStore {
     }
 }
 
+/// Makes `digest` the enforcing module of `name` (see [`PolicyStore::activate`]).
+fn enforce(chain: &mut Chain, name: &str, digest: &str, on_error: &str) {
+    let now = Utc::now();
+    match chain.policies.iter_mut().find(|p| p.name == name) {
+        Some(entry) => {
+            if entry.digest != digest {
+                entry
+                    .previous
+                    .push(std::mem::replace(&mut entry.digest, digest.to_string()));
+            }
+            entry.on_error = on_error.to_string();
+            entry.activated_at = now;
+        }
+        None => chain.policies.push(ChainEntry {
+            name: name.to_string(),
+            digest: digest.to_string(),
+            on_error: on_error.to_string(),
+            activated_at: now,
+            previous: Vec::new(),
+        }),
+    }
+}
+
 async fn open_kv(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<kv::Store> {
     if let Ok(store) = js.get_key_value(&config.bucket).await {
         return Ok(store);
@@ -338,6 +615,22 @@ async fn open_kv(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<
     js.create_key_value(config)
         .await
         .with_context(|| format!("creating the {bucket} bucket"))
+}
+
+/// Decision samples: a bounded log, by age and by bytes, oldest dropped first.
+fn decisions_config(replicas: usize) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: DECISIONS_STREAM.to_string(),
+        description: Some(
+            "Sampled decisions of policies on trial that differed from the chain".into(),
+        ),
+        subjects: vec![format!("{DECISIONS_SUBJECT_PREFIX}.>")],
+        max_age: DECISIONS_MAX_AGE,
+        max_bytes: DECISIONS_MAX_BYTES,
+        discard: jetstream::stream::DiscardPolicy::Old,
+        num_replicas: replicas,
+        ..Default::default()
+    }
 }
 
 fn kv_config(

@@ -78,12 +78,19 @@ async fn start(
     // The policy chain, loaded before the router exists so the gateway is ready only with it.
     let store = hotpath_core::policy_store::PolicyStore::open(&js).await?;
     let engine = hotpath_policy_host::PolicyEngine::new()?;
+    let samples = policies::DecisionSink::start(
+        nats.clone(),
+        gateway_id.clone(),
+        state.policy_metrics.clone(),
+        shutdown.clone(),
+    );
     policies::sync::PolicySync::new(
         engine,
         store,
         state.policies.clone(),
         state.policy_metrics.clone(),
         gateway_id,
+        Some(samples),
     )
     .start(shutdown.clone())
     .await?;

@@ -1,20 +1,42 @@
-//! Running the active chain for one request.
+//! Running the active chain for one request, with the policies on trial beside it.
 
 use std::collections::HashSet;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
+use hotpath_core::policy_store::Mode;
 use hotpath_core::rejection::Rejection;
 use hotpath_policy_host::{ConversationInput, Decision, Evaluation, Policy, input_json};
 use serde_json::Value;
 
 use super::metrics::PolicyMetrics;
+use super::trial::{Counts, DecisionSink, OnTrial, Verdicts};
 use crate::facts::ConversationFacts;
 
-/// The policies in force, in order, and the chain version they came from.
+/// The policies in force, in order, the candidates on trial, and the chain version they came
+/// from.
 #[derive(Default)]
 pub struct ActiveChain {
     pub version: u64,
-    pub policies: Vec<Policy>,
+    pub policies: Vec<Enforcing>,
+    pub candidates: Vec<OnTrial>,
+    /// Where differing decisions of candidates go (none in a gateway without NATS, as in
+    /// unit tests).
+    pub samples: Option<DecisionSink>,
+}
+
+/// A policy of the chain and what it decided since it was activated.
+pub struct Enforcing {
+    pub policy: Policy,
+    pub activated_at: DateTime<Utc>,
+    pub counts: std::sync::Arc<Counts>,
+}
+
+/// One step of a send's enforcing chain: a chain policy, or a canary in its place.
+struct Step<'a> {
+    policy: &'a Policy,
+    counts: &'a Counts,
+    canary: bool,
 }
 
 impl ActiveChain {
@@ -22,8 +44,56 @@ impl ActiveChain {
         self.policies.is_empty()
     }
 
+    /// The enforcing chain for `user_id`: each policy, or the canary of the same name where
+    /// the canary enforces for this user, then the new canaries that enforce for this user.
+    fn steps_for(&self, user_id: &str) -> Vec<Step<'_>> {
+        let enforcing = |c: &&OnTrial| c.candidate.enforces_for(user_id);
+        let mut steps: Vec<Step<'_>> = self
+            .policies
+            .iter()
+            .map(|entry| {
+                let canary = self
+                    .candidates
+                    .iter()
+                    .filter(enforcing)
+                    .find(|c| c.candidate.name == entry.policy.name());
+                match canary {
+                    Some(c) => Step {
+                        policy: &c.policy,
+                        counts: &c.counts,
+                        canary: true,
+                    },
+                    None => Step {
+                        policy: &entry.policy,
+                        counts: &entry.counts,
+                        canary: false,
+                    },
+                }
+            })
+            .collect();
+        steps.extend(
+            self.candidates
+                .iter()
+                .filter(enforcing)
+                .filter(|c| {
+                    !self
+                        .policies
+                        .iter()
+                        .any(|p| p.policy.name() == c.candidate.name)
+                })
+                .map(|c| Step {
+                    policy: &c.policy,
+                    counts: &c.counts,
+                    canary: true,
+                }),
+        );
+        steps
+    }
+
     /// Runs every policy in order; the first rejection wins. Returns the request as the last
-    /// normalising policy left it (`None`: unchanged).
+    /// normalising policy left it (`None`: unchanged). Then every candidate that does not
+    /// enforce for this sender is evaluated on what the chain saw last, and only counted
+    /// (and sampled where it would have answered otherwise): it never changes the answer.
     ///
     /// Evaluation runs on the calling task: a policy takes microseconds, and a misbehaving one
     /// is stopped at the host's deadline (10 ms), so this never blocks the runtime for long.
@@ -56,27 +126,116 @@ impl ActiveChain {
         // Written once, and again only after a policy rewrote the request.
         let mut input = input_for(request);
         let mut normalized: Option<Value> = None;
-        for policy in &self.policies {
-            let started = Instant::now();
-            let evaluation = policy.evaluate(&input);
-            metrics.evaluated(policy.name(), started.elapsed());
-            if let Evaluation::Failed(failure) = &evaluation {
-                tracing::warn!(policy = policy.name(), digest = policy.digest(), %failure, "policy failed");
-                metrics.failed(policy.name(), failure.kind.as_str());
+        let mut outcome = Ok(());
+        for step in self.steps_for(user_id) {
+            step.counts.evaluated();
+            if step.canary {
+                step.counts.enforced();
             }
-            match evaluation.decide(policy) {
-                Decision::Allow => metrics.verdict(policy.name(), "allow"),
+            let started = Instant::now();
+            let evaluation = step.policy.evaluate(&input);
+            metrics.evaluated(step.policy.name(), started.elapsed());
+            if let Evaluation::Failed(failure) = &evaluation {
+                tracing::warn!(policy = step.policy.name(), digest = step.policy.digest(), %failure, "policy failed");
+                metrics.failed(step.policy.name(), failure.kind.as_str());
+                step.counts.failed();
+            }
+            match evaluation.decide(step.policy) {
+                Decision::Allow => metrics.verdict(step.policy.name(), "allow"),
                 Decision::AllowNormalized(value) => {
-                    metrics.verdict(policy.name(), "allow");
+                    metrics.verdict(step.policy.name(), "allow");
                     input = input_for(&value);
                     normalized = Some(value);
                 }
                 Decision::Reject(rejection) => {
-                    metrics.verdict(policy.name(), rejection.code());
-                    return Err(rejection);
+                    metrics.verdict(step.policy.name(), rejection.code());
+                    step.counts.rejected();
+                    outcome = Err(rejection);
+                    break;
                 }
             }
         }
-        Ok(normalized)
+        let enforced = match &outcome {
+            Ok(()) => None,
+            Err(rejection) => Some(rejection.code()),
+        };
+        for candidate in &self.candidates {
+            if !candidate.candidate.enforces_for(user_id) {
+                self.shadow(
+                    metrics,
+                    candidate,
+                    &input,
+                    user_id,
+                    normalized.as_ref().unwrap_or(request),
+                    enforced,
+                );
+            }
+        }
+        outcome.map(|()| normalized)
+    }
+
+    /// Evaluates `candidate` in shadow on `input`: counted, timed, sampled when its verdict
+    /// differs from the enforced one (`None`: allowed).
+    fn shadow(
+        &self,
+        metrics: &PolicyMetrics,
+        candidate: &OnTrial,
+        input: &[u8],
+        user_id: &str,
+        request: &Value,
+        enforced: Option<&'static str>,
+    ) {
+        let name = candidate.policy.name();
+        candidate.counts.evaluated();
+        let started = Instant::now();
+        let evaluation = candidate.policy.evaluate(input);
+        metrics.shadow_evaluated(name, started.elapsed());
+        if let Evaluation::Failed(failure) = &evaluation {
+            metrics.shadow_failed(name, failure.kind.as_str());
+            candidate.counts.failed();
+        }
+        let would = match evaluation.decide(&candidate.policy) {
+            Decision::Allow | Decision::AllowNormalized(_) => None,
+            Decision::Reject(rejection) => Some(rejection.code()),
+        };
+        metrics.shadow_verdict(name, would.unwrap_or("allow"));
+        if would.is_some() {
+            candidate.counts.rejected();
+        }
+        if would != enforced {
+            candidate.counts.differed();
+            if let Some(sink) = &self.samples {
+                sink.sample(
+                    candidate,
+                    user_id,
+                    request,
+                    Verdicts {
+                        enforced,
+                        candidate: would,
+                    },
+                );
+            }
+        }
+    }
+
+    /// What each policy and candidate decided, for the gateway's status report.
+    pub fn counts(&self) -> Vec<hotpath_core::policy_store::PolicyCounts> {
+        let enforcing = self.policies.iter().map(|entry| {
+            entry.counts.snapshot(
+                entry.policy.name(),
+                entry.policy.digest(),
+                Mode::Enforce,
+                entry.activated_at,
+            )
+        });
+        let candidates = self.candidates.iter().map(|c| {
+            c.counts.snapshot(
+                &c.candidate.name,
+                &c.candidate.digest,
+                c.candidate.mode,
+                c.candidate.activated_at,
+            )
+        });
+        enforcing.chain(candidates).collect()
     }
 }

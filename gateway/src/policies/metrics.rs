@@ -20,6 +20,10 @@ pub struct PolicyMetrics {
     swaps: Counter<u64>,
     refused: Counter<u64>,
     version: Gauge<u64>,
+    shadow_evaluation_us: Histogram<f64>,
+    shadow_verdicts: Counter<u64>,
+    shadow_failures: Counter<u64>,
+    samples: Counter<u64>,
 }
 
 impl PolicyMetrics {
@@ -50,6 +54,27 @@ impl PolicyMetrics {
             version: meter
                 .u64_gauge("policy_chain_version")
                 .with_description("Version of the chain this gateway runs")
+                .build(),
+            shadow_evaluation_us: meter
+                .f64_histogram("policy_shadow_evaluation_duration_us")
+                .with_description("One shadow evaluation of a policy on trial, fresh instance included")
+                .with_boundaries(EVALUATION_US_BUCKETS.to_vec())
+                .build(),
+            shadow_verdicts: meter
+                .u64_counter("policy_shadow_verdicts_total")
+                .with_description(
+                    "What policies on trial would have decided, by policy and code (allow, or the rejection's code)",
+                )
+                .build(),
+            shadow_failures: meter
+                .u64_counter("policy_shadow_failures_total")
+                .with_description("Failures of policies on trial, evaluated in shadow")
+                .build(),
+            samples: meter
+                .u64_counter("policy_decision_samples_total")
+                .with_description(
+                    "Differing decisions of policies on trial: published, over_budget (only counted) or dropped",
+                )
                 .build(),
         };
         // From 0, so that an alert sees the first refused chain as an increase.
@@ -100,6 +125,44 @@ impl PolicyMetrics {
                 );
             }
         }
+    }
+
+    pub fn shadow_evaluated(&self, policy: &str, took: Duration) {
+        self.shadow_evaluation_us.record(
+            took.as_secs_f64() * 1e6,
+            &[KeyValue::new("policy", policy.to_string())],
+        );
+    }
+
+    pub fn shadow_verdict(&self, policy: &str, code: &str) {
+        self.shadow_verdicts.add(
+            1,
+            &[
+                KeyValue::new("policy", policy.to_string()),
+                KeyValue::new("code", code.to_string()),
+            ],
+        );
+    }
+
+    pub fn shadow_failed(&self, policy: &str, kind: &'static str) {
+        self.shadow_failures.add(
+            1,
+            &[
+                KeyValue::new("policy", policy.to_string()),
+                KeyValue::new("kind", kind),
+            ],
+        );
+    }
+
+    /// `outcome`: `published`, `over_budget` or `dropped`.
+    pub fn sample(&self, policy: &str, outcome: &'static str) {
+        self.samples.add(
+            1,
+            &[
+                KeyValue::new("policy", policy.to_string()),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
     }
 
     pub fn refused(&self) {
