@@ -649,3 +649,72 @@ fn kv_config(
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_canary_bucket_is_stable_and_differs_between_policies() {
+        assert_eq!(
+            canary_bucket("links", "alice"),
+            canary_bucket("links", "alice")
+        );
+        let users: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
+        let same = users
+            .iter()
+            .filter(|u| canary_bucket("links", u) == canary_bucket("spam", u))
+            .count();
+        assert!(same < 50, "{same} of 1000 users share both buckets");
+    }
+
+    #[test]
+    fn a_canary_of_p_percent_takes_about_p_percent_of_users() {
+        let users: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
+        for percent in [0u8, 1, 20, 50, 100] {
+            let candidate = Candidate {
+                name: "links".into(),
+                digest: "d".into(),
+                on_error: "deny".into(),
+                mode: Mode::Canary,
+                percent,
+                sample_content: false,
+                activated_at: Utc::now(),
+            };
+            let taken = users.iter().filter(|u| candidate.enforces_for(u)).count();
+            let expected = usize::from(percent) * 100;
+            assert!(
+                taken.abs_diff(expected) <= 200,
+                "{percent}%: {taken} of 10000"
+            );
+            if percent == 0 || percent == 100 {
+                assert_eq!(taken, expected);
+            }
+        }
+    }
+
+    #[test]
+    fn a_shadow_candidate_enforces_for_nobody() {
+        let candidate = Candidate {
+            name: "links".into(),
+            digest: "d".into(),
+            on_error: "deny".into(),
+            mode: Mode::Shadow,
+            percent: 100,
+            sample_content: false,
+            activated_at: Utc::now(),
+        };
+        assert!(!candidate.enforces_for("alice"));
+    }
+
+    #[test]
+    fn policy_names_are_short_and_subject_safe() {
+        for good in ["schema", "link-limit", "rule_2"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        for bad in ["", "a.b", "a b", "a>", "*", long.as_str()] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
