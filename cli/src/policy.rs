@@ -354,11 +354,18 @@ fn listing(chain: &Chain, statuses: &[GatewayStatus]) -> String {
         candidate_line(&mut out, chain, statuses, candidate);
     }
     for status in statuses {
-        let running: Vec<String> = status
+        let mut running: Vec<String> = status
             .running
             .iter()
             .map(|(n, d)| format!("{n}={}", short(d)))
             .collect();
+        running.extend(
+            status
+                .counts
+                .iter()
+                .filter(|c| c.mode != Mode::Enforce)
+                .map(|c| format!("{}={} ({})", c.name, short(&c.digest), c.mode.as_str())),
+        );
         let _ = writeln!(
             out,
             "gateway {}: {} for version {} (reported {}); running {}{}",

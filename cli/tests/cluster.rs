@@ -408,7 +408,7 @@ async fn the_operator_commands_run_with_the_operator_key(system: &ClusterSystem)
 }
 
 /// Every stream Hotpath keeps, KV buckets and the object store included.
-const ALL_STREAMS: [&str; 10] = [
+const ALL_STREAMS: [&str; 11] = [
     "MESSAGES",
     "REPLAY",
     "RECEIPTS",
@@ -419,6 +419,7 @@ const ALL_STREAMS: [&str; 10] = [
     "KV_POLICY_CHAIN",
     "KV_POLICY_STATUS",
     "OBJ_POLICY_MODULES",
+    "POLICY_DECISIONS",
 ];
 
 async fn assert_replicas(system: &ClusterSystem, replicas: usize) {
