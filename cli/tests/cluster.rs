@@ -24,9 +24,10 @@ use async_nats::jetstream;
 use futures::{FutureExt as _, StreamExt as _};
 use hotpath::dlq::{self, DlqCommand};
 use hotpath::nats_target::NatsTarget;
-use hotpath::policy::{self, PolicyCommand};
+use hotpath::policy::{self, PolicyCommand, PushMode};
 use hotpath_core::names::MESSAGES_STREAM;
 use hotpath_core::nats_auth::NatsUser;
+use hotpath_core::policy_store::PolicyStore;
 use hotpath_localstack::{Health, NatsRole};
 use hotpath_testkit as support;
 use serde_json::{Value, json};
@@ -48,6 +49,7 @@ async fn on_a_three_node_cluster_each_role_does_its_job_as_its_own_user_and_noth
     the_push_workers_may_not(&system).await;
     nobody_gets_in_without_a_known_key(&system).await;
     the_operator_commands_run_with_the_operator_key(&system).await;
+    a_policy_on_trial_leaves_decision_samples(&system).await;
     system.stop().await;
     // Set-up applies the replica count to what exists too.
     let mut fewer = system.config.clone();
@@ -405,6 +407,89 @@ async fn the_operator_commands_run_with_the_operator_key(system: &ClusterSystem)
         format!("{refused:#}").contains("authorization violation"),
         "{refused:#}"
     );
+}
+
+/// A module that would reject every send.
+const REJECT_ALL: &str = r#"(module
+  (memory (export "memory") 1)
+  (data (i32.const 0) "{\"verdict\":\"reject\",\"code\":\"FORBIDDEN\",\"message\":\"no\"}")
+  (func (export "hotpath_abi_version") (result i32) i32.const 1)
+  (func (export "hotpath_alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "hotpath_validate") (param i32 i32) (result i64) i64.const 54))"#;
+
+/// The operator puts a module on trial in shadow; the gateway, as its own user, evaluates it
+/// and publishes where it would have answered otherwise, and the operator reads the sample.
+async fn a_policy_on_trial_leaves_decision_samples(system: &ClusterSystem) {
+    let operator = system.nats.creds(NatsRole::Operator);
+    let target = NatsTarget::new(system.nats.urls(), Some(operator));
+    let module = system.nats.dir().join("reject-all.wasm");
+    std::fs::write(&module, wat::parse_str(REJECT_ALL).expect("wat")).expect("module");
+    let push = PolicyCommand::Push {
+        module,
+        name: "reject-all".into(),
+        vectors: None,
+        on_error: "deny".into(),
+        no_local_check: false,
+        mode: PushMode::Shadow,
+        percent: None,
+        sample_content: false,
+    };
+    policy::run(push, &target).await.expect("push in shadow");
+    let js = jetstream::new(
+        system
+            .connect_as(NatsRole::Operator)
+            .await
+            .expect("operator"),
+    );
+    let store = PolicyStore::open(&js).await.expect("policy store");
+    let version = store.chain().await.expect("chain").0.version;
+    wait_until_async("the gateway runs the chain with the candidate", || async {
+        let statuses = store.statuses().await.expect("statuses");
+        statuses
+            .iter()
+            .any(|s| s.chain_version == version && s.state == "active")
+    })
+    .await;
+    let conversation = system.conversation("alice", &["bob"]).await;
+    let response = system
+        .post(
+            "alice",
+            "/v1/messages",
+            json!({"conversationId": conversation, "content": "tried", "contentType": "text"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202, "a shadow policy decides nothing");
+    wait_until_async("the operator reads the gateway's sample", || async {
+        let samples = PolicyStore::decisions(&js, "reject-all", 10)
+            .await
+            .expect("decisions");
+        samples.iter().any(|s| s.user_id == "alice")
+    })
+    .await;
+    policy::run(
+        PolicyCommand::Rollback {
+            name: "reject-all".into(),
+        },
+        &target,
+    )
+    .await
+    .expect("rollback");
+}
+
+/// Waits (bounded by [`PATIENCE`]) until `condition` holds.
+async fn wait_until_async<F, Fut>(what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Every stream Hotpath keeps, KV buckets and the object store included.
