@@ -714,6 +714,47 @@ async fn health_readiness_and_metrics_are_served() {
     assert_eq!(body["error"]["code"], "NOT_FOUND");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_a_route_does_not_take_is_405_in_the_error_shape_with_allow() {
+    let system = System::start().await;
+    for (method, path, allowed) in [
+        ("DELETE", "/healthz", "GET,HEAD"),
+        ("PUT", "/v1/messages", "POST"),
+        ("PATCH", "/v1/conversations", "GET,HEAD,POST"),
+    ] {
+        let response = system
+            .http
+            .request(method.parse().unwrap(), system.url(path))
+            .bearer_auth(system.token("alice"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{method} {path}");
+        let allow = response
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .replace(' ', "");
+        let mut allow: Vec<&str> = allow.split(',').collect();
+        allow.sort_unstable();
+        assert_eq!(allow.join(","), allowed, "{method} {path}");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(body["error"]["code"], "METHOD_NOT_ALLOWED", "{body}");
+        assert_eq!(body["error"]["details"]["method"], method, "{body}");
+    }
+}
+
 /// The gateway's route table, where every route is declared (`.route("/path", …)`).
 const ROUTE_TABLE: &str = include_str!("../../gateway/src/lib.rs");
 

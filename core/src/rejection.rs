@@ -74,6 +74,9 @@ pub enum Rejection {
     BlockNotFound { user_id: String },
     #[error("no such route")]
     RouteNotFound,
+    /// The route exists but does not take this method (the answer carries `Allow`).
+    #[error("{method} is not a method of this route")]
+    MethodNotAllowed { method: String },
     #[error("payload larger than {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: usize },
     /// The request's body did not arrive within the server's body read timeout (a client
@@ -139,6 +142,7 @@ impl Rejection {
             | Rejection::DeviceNotFound
             | Rejection::BlockNotFound { .. }
             | Rejection::RouteNotFound => 404,
+            Rejection::MethodNotAllowed { .. } => 405,
             Rejection::ConversationInactive { .. }
             | Rejection::UserBlocked { .. }
             | Rejection::IdempotencyKeyReused { .. }
@@ -175,6 +179,7 @@ impl Rejection {
             Rejection::DeviceNotFound => "DEVICE_NOT_FOUND",
             Rejection::BlockNotFound { .. } => "BLOCK_NOT_FOUND",
             Rejection::RouteNotFound => "NOT_FOUND",
+            Rejection::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             Rejection::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Rejection::RequestTimeout { .. } => "REQUEST_TIMEOUT",
             Rejection::RateLimitExceeded { .. } => "RATE_LIMIT_EXCEEDED",
@@ -209,6 +214,7 @@ impl Rejection {
             Rejection::DeviceNotFound => "device_not_found",
             Rejection::BlockNotFound { .. } => "block_not_found",
             Rejection::RouteNotFound => "route_not_found",
+            Rejection::MethodNotAllowed { .. } => "method_not_allowed",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::RequestTimeout { .. } => "request_timeout",
             Rejection::RateLimitExceeded { .. } => "rate_limit_exceeded",
@@ -286,6 +292,7 @@ impl Rejection {
             Rejection::MessageNotFound { message_id } => json!({ "messageId": message_id }),
             Rejection::BlockNotFound { user_id } => json!({ "userId": user_id }),
             Rejection::DeviceNotFound | Rejection::RouteNotFound => json!({}),
+            Rejection::MethodNotAllowed { method } => json!({ "method": method }),
             Rejection::PayloadTooLarge { limit_bytes } => json!({ "limitBytes": limit_bytes }),
             Rejection::RequestTimeout { timeout_secs } => json!({ "timeoutSeconds": timeout_secs }),
             Rejection::RateLimitExceeded { retry_after_secs }

@@ -80,3 +80,11 @@ pub fn db_error(error: sqlx::Error) -> Rejection {
 pub async fn not_found() -> ApiError {
     ApiError(Rejection::RouteNotFound)
 }
+
+/// The fallback for a known route asked with a method it does not take; the router adds the
+/// `Allow` header.
+pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError(Rejection::MethodNotAllowed {
+        method: method.to_string(),
+    })
+}

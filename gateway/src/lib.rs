@@ -190,6 +190,7 @@ fn routes(state: AppState) -> Router {
         .route("/", get(routes::webclient::index))
         .route("/app/{file}", get(routes::webclient::asset))
         .fallback(http::not_found)
+        .method_not_allowed_fallback(http::method_not_allowed)
         .layer(
             ServiceBuilder::new()
                 .layer(middleware::from_fn(http::rejections::log_rejections))

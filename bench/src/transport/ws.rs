@@ -431,6 +431,7 @@ fn status_of(code: &str, retry_after: bool) -> Option<u16> {
         | "DEVICE_NOT_FOUND"
         | "BLOCK_NOT_FOUND"
         | "NOT_FOUND" => 404,
+        "METHOD_NOT_ALLOWED" => 405,
         "REQUEST_TIMEOUT" => 408,
         "CONVERSATION_INACTIVE"
         | "USER_BLOCKED"
@@ -569,6 +570,9 @@ mod tests {
                 user_id: "u".into(),
             },
             Rejection::RouteNotFound,
+            Rejection::MethodNotAllowed {
+                method: "PUT".into(),
+            },
             Rejection::PayloadTooLarge { limit_bytes: 1 },
             Rejection::RequestTimeout { timeout_secs: 1 },
             Rejection::RateLimitExceeded {
@@ -636,6 +640,7 @@ mod tests {
             | Rejection::DeviceNotFound
             | Rejection::BlockNotFound { .. }
             | Rejection::RouteNotFound
+            | Rejection::MethodNotAllowed { .. }
             | Rejection::PayloadTooLarge { .. }
             | Rejection::RequestTimeout { .. }
             | Rejection::RateLimitExceeded { .. }
