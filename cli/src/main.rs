@@ -103,7 +103,7 @@ enum Command {
         #[command(flatten)]
         config: Config,
     },
-    /// Policies: test, push, list, rollback, bench.
+    /// Policies: test, push (enforcing, shadow or canary), list, diff, promote, rollback, bench.
     Policy {
         #[command(subcommand)]
         command: policy::PolicyCommand,

@@ -32,32 +32,7 @@ pub enum PolicyCommand {
     Test { module: PathBuf, vectors: PathBuf },
     /// Upload a module and make it the module of policy NAME (added at the end of the chain if
     /// new). Checked locally first; every gateway checks it again before swapping it in.
-    Push {
-        module: PathBuf,
-        #[arg(long)]
-        name: String,
-        /// Test vectors to ship with the module (every gateway runs them before activating).
-        #[arg(long)]
-        vectors: Option<PathBuf>,
-        /// What a failure of this policy means: deny (fail-closed) or allow.
-        #[arg(long, default_value = "deny", value_parser = ["deny", "allow"])]
-        on_error: String,
-        /// Skip the local check (the gateways still check; useful to see a refusal).
-        #[arg(long)]
-        no_local_check: bool,
-        /// enforce: the module decides (replacing the policy of that name, or appended);
-        /// shadow: evaluated after the chain on every send, decides nothing; canary: decides
-        /// for PERCENT% of senders (a stable hash of the user id), shadow for the rest.
-        #[arg(long, value_enum, default_value_t = PushMode::Enforce)]
-        mode: PushMode,
-        /// The canary's share of senders, 0 to 100 (only with --mode canary).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
-        percent: Option<u8>,
-        /// Let decision samples of this candidate carry the message's content (off: ids,
-        /// lengths and content type only). See the README on what this means for privacy.
-        #[arg(long)]
-        sample_content: bool,
-    },
+    Push(Push),
     /// Show the active chain, the policies on trial, what each gateway runs, and the counts
     /// of every policy since its activation.
     List,
@@ -105,28 +80,7 @@ pub async fn run(command: PolicyCommand, nats: &NatsTarget) -> anyhow::Result<()
             iterations,
             threads,
         } => bench::run(&dir, iterations, threads),
-        PolicyCommand::Push {
-            module,
-            name,
-            vectors,
-            on_error,
-            no_local_check,
-            mode,
-            percent,
-            sample_content,
-        } => {
-            let push = Push {
-                module,
-                name,
-                vectors,
-                on_error,
-                no_local_check,
-                mode,
-                percent,
-                sample_content,
-            };
-            push.run(nats).await
-        }
+        PolicyCommand::Push(push) => push.run(nats).await,
         PolicyCommand::List => list(&store(nats).await?).await,
         PolicyCommand::Promote { name } => {
             let chain = store(nats).await?.promote(&name).await?;
@@ -157,15 +111,32 @@ pub async fn run(command: PolicyCommand, nats: &NatsTarget) -> anyhow::Result<()
 }
 
 /// `policy push`'s arguments.
-struct Push {
-    module: PathBuf,
-    name: String,
-    vectors: Option<PathBuf>,
-    on_error: String,
-    no_local_check: bool,
-    mode: PushMode,
-    percent: Option<u8>,
-    sample_content: bool,
+#[derive(Debug, clap::Args)]
+pub struct Push {
+    pub module: PathBuf,
+    #[arg(long)]
+    pub name: String,
+    /// Test vectors to ship with the module (every gateway runs them before activating).
+    #[arg(long)]
+    pub vectors: Option<PathBuf>,
+    /// What a failure of this policy means: deny (fail-closed) or allow.
+    #[arg(long, default_value = "deny", value_parser = ["deny", "allow"])]
+    pub on_error: String,
+    /// Skip the local check (the gateways still check; useful to see a refusal).
+    #[arg(long)]
+    pub no_local_check: bool,
+    /// enforce: the module decides (replacing the policy of that name, or appended);
+    /// shadow: evaluated after the chain on every send, decides nothing; canary: decides
+    /// for PERCENT% of senders (a stable hash of the user id), shadow for the rest.
+    #[arg(long, value_enum, default_value_t = PushMode::Enforce)]
+    pub mode: PushMode,
+    /// The canary's share of senders, 0 to 100 (only with --mode canary).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub percent: Option<u8>,
+    /// Let decision samples of this candidate carry the message's content (off: ids,
+    /// lengths and content type only). See the README on what this means for privacy.
+    #[arg(long)]
+    pub sample_content: bool,
 }
 
 impl Push {

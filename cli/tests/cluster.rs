@@ -24,7 +24,7 @@ use async_nats::jetstream;
 use futures::{FutureExt as _, StreamExt as _};
 use hotpath::dlq::{self, DlqCommand};
 use hotpath::nats_target::NatsTarget;
-use hotpath::policy::{self, PolicyCommand, PushMode};
+use hotpath::policy::{self, PolicyCommand, Push, PushMode};
 use hotpath_core::names::MESSAGES_STREAM;
 use hotpath_core::nats_auth::NatsUser;
 use hotpath_core::policy_store::PolicyStore;
@@ -424,7 +424,7 @@ async fn a_policy_on_trial_leaves_decision_samples(system: &ClusterSystem) {
     let target = NatsTarget::new(system.nats.urls(), Some(operator));
     let module = system.nats.dir().join("reject-all.wasm");
     std::fs::write(&module, wat::parse_str(REJECT_ALL).expect("wat")).expect("module");
-    let push = PolicyCommand::Push {
+    let push = PolicyCommand::Push(Push {
         module,
         name: "reject-all".into(),
         vectors: None,
@@ -433,7 +433,7 @@ async fn a_policy_on_trial_leaves_decision_samples(system: &ClusterSystem) {
         mode: PushMode::Shadow,
         percent: None,
         sample_content: false,
-    };
+    });
     policy::run(push, &target).await.expect("push in shadow");
     let js = jetstream::new(
         system

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
-use hotpath::policy::{PolicyCommand, PushMode, run as policy};
-use hotpath_core::policy_store::PolicyStore;
+use hotpath::policy::{PolicyCommand, Push, PushMode, run as policy};
 use serde_json::{Value, json};
 use support::{System, metric_sum, text};
 use uuid::Uuid;
@@ -33,7 +31,7 @@ async fn push(
     vectors: Option<PathBuf>,
     local_check: bool,
 ) {
-    let command = PolicyCommand::Push {
+    let command = PolicyCommand::Push(Push {
         module,
         name: name.to_string(),
         vectors,
@@ -42,7 +40,7 @@ async fn push(
         mode: PushMode::Enforce,
         percent: None,
         sample_content: false,
-    };
+    });
     policy(command, &system.nats_target()).await.expect("push");
 }
 
@@ -55,18 +53,9 @@ async fn rollback(system: &System, name: &str) {
     .expect("rollback");
 }
 
-async fn store(system: &System) -> PolicyStore {
-    let nats = async_nats::connect(system.config.nats_url.clone())
-        .await
-        .expect("nats");
-    PolicyStore::open(&jetstream::new(nats))
-        .await
-        .expect("store")
-}
-
 /// Waits until the gateway reports `state` for chain `version`; returns the reason if any.
 async fn gateway_reports(system: &System, version: u64, state: &str) -> Option<String> {
-    let store = store(system).await;
+    let store = system.policy_store().await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let statuses = store.statuses().await.expect("statuses");
@@ -85,7 +74,14 @@ async fn gateway_reports(system: &System, version: u64, state: &str) -> Option<S
 }
 
 async fn chain_version(system: &System) -> u64 {
-    store(system).await.chain().await.expect("chain").0.version
+    system
+        .policy_store()
+        .await
+        .chain()
+        .await
+        .expect("chain")
+        .0
+        .version
 }
 
 /// `content` sent by alice to `conversation`: the status and error code.

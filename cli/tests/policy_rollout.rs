@@ -16,9 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use futures::StreamExt;
-use hotpath::policy::{PolicyCommand, PushMode, run as policy};
+use hotpath::policy::{PolicyCommand, Push, PushMode, run as policy};
 use hotpath_core::policy_store::{Mode, PolicyStore, canary_bucket};
 use serde_json::Value;
 use support::gateway::GatewayProcess;
@@ -58,12 +57,7 @@ impl Pair {
     async fn start() -> Pair {
         let system = System::start().await;
         let other = GatewayProcess::start(&system, BIN, "gateway-b").await;
-        let nats = async_nats::connect(system.config.nats_url.clone())
-            .await
-            .expect("nats");
-        let store = PolicyStore::open(&jetstream::new(nats))
-            .await
-            .expect("store");
+        let store = system.policy_store().await;
         Pair {
             system,
             other,
@@ -77,7 +71,7 @@ impl Pair {
     }
 
     async fn push(&self, name: &str, mode: PushMode, percent: Option<u8>, sample_content: bool) {
-        let command = PolicyCommand::Push {
+        let command = PolicyCommand::Push(Push {
             module: reject_all_module(&self.system),
             name: name.to_string(),
             vectors: None,
@@ -86,7 +80,7 @@ impl Pair {
             mode,
             percent,
             sample_content,
-        };
+        });
         policy(command, &self.system.nats_target())
             .await
             .expect("push");

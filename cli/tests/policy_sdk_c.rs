@@ -8,24 +8,14 @@ use hotpath_testkit as support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use hotpath::nats_target::NatsTarget;
-use hotpath::policy::{PolicyCommand, PushMode, run as policy};
+use hotpath::policy::{PolicyCommand, Push, PushMode, run as policy};
 use hotpath_core::policy_store::PolicyStore;
 use serde_json::json;
 use support::{System, text};
 
 fn dist(file: &str) -> PathBuf {
     support::policy_dir().join(file)
-}
-
-async fn store(system: &System) -> PolicyStore {
-    let nats = async_nats::connect(system.config.nats_url.clone())
-        .await
-        .expect("nats");
-    PolicyStore::open(&jetstream::new(nats))
-        .await
-        .expect("store")
 }
 
 /// Waits until a gateway reports that it runs chain `version`.
@@ -71,10 +61,10 @@ async fn the_link_limit_written_in_c_passes_its_vectors() {
 async fn the_link_limit_written_in_c_refuses_a_fourth_link_once_pushed() {
     let system = System::start().await;
     let conversation = system.conversation("alice", "group", &["bob"]).await;
-    let store = store(&system).await;
+    let store = system.policy_store().await;
     let before = store.chain().await.expect("chain").0.version;
 
-    let command = PolicyCommand::Push {
+    let command = PolicyCommand::Push(Push {
         module: dist("link-limit-c.wasm"),
         name: "link-limit".into(),
         vectors: Some(dist("link-limit-c.vectors.json")),
@@ -83,7 +73,7 @@ async fn the_link_limit_written_in_c_refuses_a_fourth_link_once_pushed() {
         mode: PushMode::Enforce,
         percent: None,
         sample_content: false,
-    };
+    });
     policy(command, &system.nats_target()).await.expect("push");
     let (chain, _) = store.chain().await.expect("chain");
     assert!(chain.version > before, "the push made no new chain");

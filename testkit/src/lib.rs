@@ -244,6 +244,13 @@ impl System {
         async_nats::jetstream::new(client)
     }
 
+    /// The policy store (chain, modules, gateways' reports), as `hotpath policy` sees it.
+    pub async fn policy_store(&self) -> hotpath_core::policy_store::PolicyStore {
+        hotpath_core::policy_store::PolicyStore::open(&self.jetstream().await)
+            .await
+            .expect("the policy store opens")
+    }
+
     /// Where the operator commands (`hotpath policy`, `dlq`, `replay`) find this system's NATS.
     pub fn nats_target(&self) -> hotpath::nats_target::NatsTarget {
         hotpath::nats_target::NatsTarget::new(self.config.nats_url.clone(), None)
