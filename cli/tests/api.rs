@@ -993,6 +993,61 @@ async fn a_gateway_at_capacity_sheds_sends_with_503_and_retry_after() {
     );
 }
 
+/// A message persisted without its announcement reaching the gateway (lost, or still on its
+/// way): once the status route has said `sent`, the history the same gateway serves has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_status_calls_sent_is_in_the_history_even_before_the_announcement() {
+    let system = System::start().await;
+    let conversation = system.conversation("alice", "group", &["bob"]).await;
+    let (status, accepted) = system.send("alice", text(conversation, "first")).await;
+    assert_eq!(status, 202, "{accepted}");
+    system.wait_for_messages(1, Duration::from_secs(10)).await;
+    let page_path = format!("/v1/conversations/{conversation}/messages?after_seq=0");
+    let page: Value = system.get("alice", &page_path).await.json().await.unwrap();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
+
+    // A second message stored as the consumers store one, but with no announcement.
+    let (second,): (Uuid,) = sqlx::query_as(
+        "INSERT INTO messages (id, conversation_id, seq, sender_id, content, content_type,
+                               recipient_ids, metadata, priority, idempotency_key,
+                               correlation_id, stream_partition, stream_seq, accepted_at,
+                               request_digest)
+         SELECT gen_random_uuid(), conversation_id, 2, sender_id, 'second', content_type,
+                recipient_ids, metadata, priority, idempotency_key || '-2', gen_random_uuid(),
+                stream_partition, stream_seq + 1000, accepted_at, request_digest
+           FROM messages WHERE conversation_id = $1 AND seq = 1
+         RETURNING id",
+    )
+    .bind(conversation)
+    .fetch_one(&system.pool)
+    .await
+    .expect("insert");
+    sqlx::query("UPDATE conversations SET last_seq = 2 WHERE id = $1")
+        .bind(conversation)
+        .execute(&system.pool)
+        .await
+        .expect("bump");
+
+    let status: Value = system
+        .get("alice", &format!("/v1/messages/{second}/status"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&status["state"], &status["seq"]),
+        (&json!("sent"), &json!(2))
+    );
+    let page: Value = system.get("alice", &page_path).await.json().await.unwrap();
+    let seqs: Vec<i64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2], "the history lags the status: {page}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_history_page_is_dropped_when_new_messages_are_persisted() {
     let system = System::start().await;

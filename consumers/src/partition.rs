@@ -452,14 +452,19 @@ impl PartitionWorker {
     /// Tells the gateways that these conversations have new messages, so cached history pages
     /// of them are dropped. Best effort: a lost announcement is bounded by the cache's TTL.
     async fn invalidate_history(&self, slice: &[Item], outcome: &persist::Outcome) {
-        let conversations: std::collections::BTreeSet<uuid::Uuid> = outcome
-            .inserted
-            .keys()
-            .map(|&index| slice[index].envelope.conversation_id)
-            .collect();
+        let mut conversations = std::collections::BTreeMap::<uuid::Uuid, i64>::new();
+        for (&index, &seq) in &outcome.inserted {
+            let last = conversations
+                .entry(slice[index].envelope.conversation_id)
+                .or_insert(seq);
+            *last = (*last).max(seq);
+        }
         let client = self.js.client();
-        for conversation_id in conversations {
-            let changed = HistoryChanged { conversation_id };
+        for (conversation_id, last_seq) in conversations {
+            let changed = HistoryChanged {
+                conversation_id,
+                last_seq: Some(last_seq),
+            };
             match client
                 .publish(HISTORY_INVALIDATE_SUBJECT, changed.encode().into())
                 .await

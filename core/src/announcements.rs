@@ -72,6 +72,9 @@ impl Announcement for FactsChanged {}
 #[serde(rename_all = "camelCase")]
 pub struct HistoryChanged {
     pub conversation_id: Uuid,
+    /// The highest seq now stored in it (absent from older consumers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<i64>,
 }
 
 impl Announcement for HistoryChanged {}
@@ -99,9 +102,17 @@ mod tests {
         let id = Uuid::from_u128(7);
         assert_eq!(
             wire(&HistoryChanged {
-                conversation_id: id
+                conversation_id: id,
+                last_seq: Some(12),
             }),
-            serde_json::json!({"conversationId": id})
+            serde_json::json!({"conversationId": id, "lastSeq": 12})
+        );
+        // From consumers that do not send it yet.
+        assert_eq!(
+            HistoryChanged::decode(format!("{{\"conversationId\":\"{id}\"}}").as_bytes())
+                .unwrap()
+                .last_seq,
+            None
         );
         assert_eq!(
             wire(&DevicesChanged {

@@ -143,18 +143,25 @@ pub async fn status(
             }
             return Ok(Json(rejected_status(refused, message_id)));
         }
-        Some(Found::Stored(stored)) => MessageStatus {
-            message_id,
-            conversation_id: stored.conversation_id,
-            sender_id: stored.sender_id,
-            state: MessageState::Sent,
-            seq: Some(stored.seq),
-            accepted_at: stored.accepted_at,
-            persisted_at: Some(stored.persisted_at),
-            rejected_at: None,
-            reason: None,
-            recipients: None,
-        },
+        Some(Found::Stored(stored)) => {
+            // Whoever asks next for a page of it from this gateway sees this message.
+            state
+                .history_pages
+                .stored(stored.conversation_id, stored.seq)
+                .await;
+            MessageStatus {
+                message_id,
+                conversation_id: stored.conversation_id,
+                sender_id: stored.sender_id,
+                state: MessageState::Sent,
+                seq: Some(stored.seq),
+                accepted_at: stored.accepted_at,
+                persisted_at: Some(stored.persisted_at),
+                rejected_at: None,
+                reason: None,
+                recipients: None,
+            }
+        }
         None => {
             let accepted = state
                 .messages
@@ -235,11 +242,14 @@ pub async fn history(
         Some(body) => body,
         None => {
             let page = read_history(&state, conversation_id, after_seq, limit).await?;
+            let (page_len, next_after_seq) = (page.messages.len() as i64, page.next_after_seq);
             let body =
                 bytes::Bytes::from(serde_json::to_vec(&page).map_err(|e| Rejection::Internal {
                     reason: e.to_string(),
                 })?);
-            state.history_pages.insert(key, body.clone()).await;
+            // A short page reached the conversation's end as it was.
+            let through = (page_len < limit).then_some(next_after_seq);
+            state.history_pages.insert(key, body.clone(), through).await;
             body
         }
     };
