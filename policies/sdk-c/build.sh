@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # Builds a policy written with the C SDK (hotpath_policy.h) into a module:
-#   sdk-c/build.sh SOURCE.c OUT.wasm
+#   sdk-c/build.sh SOURCE.c OUT.wasm [VECTORS.json]
 # clang-22 for wasm32 and LLVM's wasm-ld, no libc, no WASI; installs clang-22 and lld-22 from
 # Debian's packages when they are missing. First it runs the SDK's own unit tests natively
 # (test/sdk_test.c, with the host's C compiler, AddressSanitizer and UndefinedBehaviorSanitizer
-# where it has them). Each step does nothing when its output is newer than its inputs (the
-# source, the header and this script).
+# where it has them); given VECTORS.json, it then runs the policy's test vectors natively
+# (sdk-c/vectors.c, compiled with the policy and the same sanitizers). Each step does nothing
+# when its output is newer than its inputs (the source, the header, the vectors and this
+# script).
 set -euo pipefail
 SDK="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 POLICIES="$(dirname "$SDK")"
 CLANG=/usr/bin/clang-22
 WASM_LD=/usr/lib/llvm-22/bin/wasm-ld # what clang-22 runs as its linker (package lld-22)
 
-if [ $# -ne 2 ]; then
-    echo "usage: $0 SOURCE.c OUT.wasm" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+    echo "usage: $0 SOURCE.c OUT.wasm [VECTORS.json]" >&2
     exit 2
 fi
-SOURCE="$1"
+SOURCE="$(realpath "$1")"
 OUT="$2"
-[ -f "$SOURCE" ] || { echo "$0: no such file: $SOURCE" >&2; exit 2; }
+VECTORS="${3:-}"
+[ -f "$SOURCE" ] || { echo "$0: no such file: $1" >&2; exit 2; }
+[ -z "$VECTORS" ] || [ -f "$VECTORS" ] || { echo "$0: no such file: $VECTORS" >&2; exit 2; }
 
 if [ ! -x "$CLANG" ] || [ ! -x "$WASM_LD" ]; then
     "$POLICIES/tools/apt-install.sh" clang-22 lld-22
@@ -33,20 +37,25 @@ newer_than_inputs() { # OUTPUT INPUT...
     done
 }
 
+# The host's C compiler and the flags native runs use: sanitizers where it has them.
+host_compiler() {
+    HOST_CC="$(command -v cc || echo "$CLANG")"
+    FLAGS=(-std=c11 -O1 -g -Wall -Wextra -Werror)
+    if echo 'int main(void){return 0;}' |
+        "$HOST_CC" -x c -fsanitize=address,undefined -o "$POLICIES/target/sdk-c/probe.$$" - 2>/dev/null; then
+        FLAGS+=(-fsanitize=address,undefined -fno-sanitize-recover=all)
+    else
+        FLAGS+=(-fsanitize=undefined -fsanitize-trap=undefined)
+    fi
+    rm -f "$POLICIES/target/sdk-c/probe.$$"
+}
+
 # The SDK's unit tests. The binary is kept only once it has passed, so it doubles as the
 # record that the current header passed them.
 TEST_BIN="$POLICIES/target/sdk-c/sdk-test"
 if ! newer_than_inputs "$TEST_BIN" "$SDK/hotpath_policy.h" "$SDK/test/sdk_test.c" "$SDK/build.sh"; then
     mkdir -p "$(dirname "$TEST_BIN")"
-    HOST_CC="$(command -v cc || echo "$CLANG")"
-    FLAGS=(-std=c11 -O1 -g -Wall -Wextra -Werror)
-    if echo 'int main(void){return 0;}' |
-        "$HOST_CC" -x c -fsanitize=address,undefined -o "$TEST_BIN.probe.$$" - 2>/dev/null; then
-        FLAGS+=(-fsanitize=address,undefined -fno-sanitize-recover=all)
-    else
-        FLAGS+=(-fsanitize=undefined -fsanitize-trap=undefined)
-    fi
-    rm -f "$TEST_BIN.probe.$$"
+    host_compiler
     "$HOST_CC" "${FLAGS[@]}" -o "$TEST_BIN.tmp.$$" "$SDK/test/sdk_test.c"
     if ! "$TEST_BIN.tmp.$$" >&2; then
         rm -f "$TEST_BIN.tmp.$$"
@@ -54,6 +63,24 @@ if ! newer_than_inputs "$TEST_BIN" "$SDK/hotpath_policy.h" "$SDK/test/sdk_test.c
         exit 1
     fi
     mv -f "$TEST_BIN.tmp.$$" "$TEST_BIN"
+fi
+
+# The policy's test vectors, natively; the runner is kept only once they have passed.
+if [ -n "$VECTORS" ]; then
+    RUNNER="$POLICIES/target/sdk-c/vectors-$(basename "$SOURCE" .c)"
+    if ! newer_than_inputs "$RUNNER" "$SOURCE" "$VECTORS" "$SDK/hotpath_policy.h" \
+        "$SDK/vectors.c" "$SDK/build.sh"; then
+        mkdir -p "$(dirname "$RUNNER")"
+        host_compiler
+        "$HOST_CC" "${FLAGS[@]}" -I "$SDK" -DHP_POLICY_SOURCE="\"$SOURCE\"" \
+            -o "$RUNNER.tmp.$$" "$SDK/vectors.c"
+        if ! "$RUNNER.tmp.$$" "$VECTORS"; then
+            rm -f "$RUNNER.tmp.$$"
+            echo "$0: $(basename "$SOURCE") fails its test vectors" >&2
+            exit 1
+        fi
+        mv -f "$RUNNER.tmp.$$" "$RUNNER"
+    fi
 fi
 
 if newer_than_inputs "$OUT" "$SOURCE" "$SDK/hotpath_policy.h" "$SDK/build.sh"; then
