@@ -139,6 +139,11 @@ impl Command {
     }
 }
 
+/// mimalloc instead of glibc's allocator: a send allocates and frees many small buffers on
+/// several threads at once (docs/performance.md has the before/after).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     hotpath_core::tls::install_crypto_provider();
