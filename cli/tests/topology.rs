@@ -120,6 +120,17 @@ fn log_file(data_dir: &Path) -> std::fs::File {
         .expect("log file")
 }
 
+/// The nice value of `pid`'s main thread (field 19 of `/proc/<pid>/stat`).
+fn nice(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
+    after_name
+        .split(' ')
+        .nth(16)
+        .and_then(|n| n.parse().ok())
+        .expect("nice")
+}
+
 /// Whether `pid` is a live process (not a zombie).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -282,6 +293,15 @@ async fn killed_members_are_restarted_kill_9_of_up_takes_all_and_ctrl_c_leaves_n
     assert!(
         ports.members().all(|m| m.pid.is_some_and(alive)),
         "{ports:?}"
+    );
+    // The delivery side yields to the gateways (ADR 0013), as in one process.
+    let nice_of = |name: &str| nice(pid_of(&ports, name).expect("pid"));
+    assert_eq!(
+        (
+            nice_of("consumers-0") - nice_of("gateway-0"),
+            nice_of("push") - nice_of("gateway-1")
+        ),
+        (10, 10)
     );
     let gateways = ports.gateway_urls();
     assert_ne!(gateways[0], gateways[1]);

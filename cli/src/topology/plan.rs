@@ -66,6 +66,10 @@ pub fn role_specs(
             role,
             listen,
             env,
+            niceness: match role {
+                Role::Gateway => 0,
+                Role::Consumers | Role::Push => config.delivery_niceness,
+            },
         }
     };
     let recorded_port = |members: Option<&Vec<Member>>, i: usize| {

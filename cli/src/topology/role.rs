@@ -9,6 +9,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -48,6 +49,10 @@ pub struct RoleSpec {
     pub log: PathBuf,
     /// Environment on top of this process's, in order (later entries win).
     pub env: Vec<(String, OsString)>,
+    /// How much lower than `hotpath up` it runs: the delivery side's niceness for consumer
+    /// replicas and push workers (ADR 0013: on a shared machine the request path comes
+    /// first), 0 for gateways.
+    pub niceness: i32,
 }
 
 impl RoleSpec {
@@ -65,6 +70,19 @@ impl RoleSpec {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if self.niceness != 0 {
+            let niceness = self.niceness;
+            // SAFETY: between fork and exec the closure makes two system calls on the child
+            // itself (async-signal-safe), allocates nothing and takes no lock. Threads the
+            // role starts later inherit the priority. Failing is harmless: it keeps ours.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+                    libc::setpriority(libc::PRIO_PROCESS, 0, current + niceness);
+                    Ok(())
+                });
+            }
+        }
         OwnedChild::spawn(cmd).await
     }
 
