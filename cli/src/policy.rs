@@ -83,7 +83,8 @@ pub async fn run(command: PolicyCommand, nats: &NatsTarget) -> anyhow::Result<()
         PolicyCommand::Push(push) => push.run(nats).await,
         PolicyCommand::List => list(&store(nats).await?).await,
         PolicyCommand::Promote { name } => {
-            let chain = store(nats).await?.promote(&name).await?;
+            let store = store(nats).await?;
+            let chain = store.promote(&name).await?;
             let digest = chain
                 .policies
                 .iter()
@@ -93,7 +94,7 @@ pub async fn run(command: PolicyCommand, nats: &NatsTarget) -> anyhow::Result<()
                 "promoted {name} = {digest}: enforcing (chain version {})",
                 chain.version
             );
-            Ok(())
+            rolled_out(&store, chain.version).await
         }
         PolicyCommand::Diff { name, limit } => {
             let client = nats.connect("hotpath-policy").await?;
@@ -196,7 +197,7 @@ impl Push {
             short(&digest),
             chain.version
         );
-        Ok(())
+        rolled_out(&store, chain.version).await
     }
 }
 
@@ -209,14 +210,11 @@ async fn rollback(store: &PolicyStore, name: &str) -> anyhow::Result<()> {
         .iter()
         .any(|c| c.name == name);
     let chain = store.rollback(name).await?;
-    if on_trial {
-        println!(
+    match chain.policies.iter().find(|p| p.name == name) {
+        _ if on_trial => println!(
             "dropped the {name} on trial; the chain is unchanged (chain version {})",
             chain.version
-        );
-        return Ok(());
-    }
-    match chain.policies.iter().find(|p| p.name == name) {
+        ),
         Some(entry) => println!(
             "rolled {name} back to {} (chain version {})",
             short(&entry.digest),
@@ -226,6 +224,53 @@ async fn rollback(store: &PolicyStore, name: &str) -> anyhow::Result<()> {
             "removed {name} from the chain (chain version {})",
             chain.version
         ),
+    }
+    rolled_out(store, chain.version).await
+}
+
+/// The longest a push, promotion or rollback waits for the gateways to take its chain.
+const ROLLOUT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits (at most [`ROLLOUT_WAIT`]) until every gateway that reported within the status
+/// bucket's hour runs chain `version` (or a later one) or refused it, then says where each
+/// stands, so that what follows the command meets the new chain. A gateway that no longer
+/// runs keeps its last report until it ages out: it shows as not yet there.
+async fn rolled_out(store: &PolicyStore, version: u64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + ROLLOUT_WAIT;
+    let statuses = loop {
+        let statuses = store.statuses().await?;
+        if statuses.iter().all(|s| s.chain_version >= version)
+            || tokio::time::Instant::now() >= deadline
+        {
+            break statuses;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    if statuses.is_empty() {
+        println!("no gateway has reported yet; `hotpath policy list` shows them as they do");
+    }
+    for status in &statuses {
+        let gateway = &status.gateway;
+        match status.state.as_str() {
+            _ if status.chain_version < version => println!(
+                "  gateway {gateway}: not yet (still on version {}, reported {})",
+                status.chain_version,
+                status.updated_at.format("%H:%M:%S")
+            ),
+            "active" => println!(
+                "  gateway {gateway}: running version {}",
+                status.chain_version
+            ),
+            state => println!(
+                "  gateway {gateway}: {state} version {}{}",
+                status.chain_version,
+                status
+                    .reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+        }
     }
     Ok(())
 }
