@@ -44,50 +44,45 @@ impl ActiveChain {
         self.policies.is_empty()
     }
 
-    /// The enforcing chain for `user_id`: each policy, or the canary of the same name where
-    /// the canary enforces for this user, then the new canaries that enforce for this user.
-    fn steps_for(&self, user_id: &str) -> Vec<Step<'_>> {
-        let enforcing = |c: &&OnTrial| c.candidate.enforces_for(user_id);
-        let mut steps: Vec<Step<'_>> = self
-            .policies
-            .iter()
-            .map(|entry| {
-                let canary = self
-                    .candidates
-                    .iter()
-                    .filter(enforcing)
-                    .find(|c| c.candidate.name == entry.policy.name());
-                match canary {
-                    Some(c) => Step {
-                        policy: &c.policy,
-                        counts: &c.counts,
-                        canary: true,
-                    },
-                    None => Step {
-                        policy: &entry.policy,
-                        counts: &entry.counts,
-                        canary: false,
-                    },
-                }
-            })
-            .collect();
-        steps.extend(
+    /// The enforcing chain of a send: each policy, or the canary of the same name where the
+    /// canary enforces for this sender, then the new canaries that do. `enforces[i]`: whether
+    /// candidate `i` enforces for this sender (its hash is computed once per send). Allocates
+    /// nothing.
+    fn steps<'a>(&'a self, enforces: &'a [bool]) -> impl Iterator<Item = Step<'a>> {
+        let canaries = move || {
             self.candidates
                 .iter()
-                .filter(enforcing)
-                .filter(|c| {
-                    !self
-                        .policies
-                        .iter()
-                        .any(|p| p.policy.name() == c.candidate.name)
-                })
-                .map(|c| Step {
+                .zip(enforces)
+                .filter(|(_, enforcing)| **enforcing)
+                .map(|(candidate, _)| candidate)
+        };
+        let chain = self.policies.iter().map(move |entry| {
+            match canaries().find(|c| c.candidate.name == entry.policy.name()) {
+                Some(c) => Step {
                     policy: &c.policy,
                     counts: &c.counts,
                     canary: true,
-                }),
-        );
-        steps
+                },
+                None => Step {
+                    policy: &entry.policy,
+                    counts: &entry.counts,
+                    canary: false,
+                },
+            }
+        });
+        let new = canaries()
+            .filter(|c| {
+                !self
+                    .policies
+                    .iter()
+                    .any(|p| p.policy.name() == c.candidate.name)
+            })
+            .map(|c| Step {
+                policy: &c.policy,
+                counts: &c.counts,
+                canary: true,
+            });
+        chain.chain(new)
     }
 
     /// Runs every policy in order; the first rejection wins. Returns the request as the last
@@ -127,7 +122,13 @@ impl ActiveChain {
         let mut input = input_for(request);
         let mut normalized: Option<Value> = None;
         let mut outcome = Ok(());
-        for step in self.steps_for(user_id) {
+        // Empty (and so no allocation) without candidates.
+        let enforces: Vec<bool> = self
+            .candidates
+            .iter()
+            .map(|c| c.candidate.enforces_for(user_id))
+            .collect();
+        for step in self.steps(&enforces) {
             step.counts.evaluated();
             if step.canary {
                 step.counts.enforced();
@@ -159,8 +160,8 @@ impl ActiveChain {
             Ok(()) => None,
             Err(rejection) => Some(rejection.code()),
         };
-        for candidate in &self.candidates {
-            if !candidate.candidate.enforces_for(user_id) {
+        for (candidate, enforcing) in self.candidates.iter().zip(&enforces) {
+            if !enforcing {
                 self.shadow(
                     metrics,
                     candidate,
