@@ -132,7 +132,7 @@ impl PolicySync {
                     candidates,
                     samples: self.samples.clone(),
                 }));
-                self.keep_counts_of_current();
+                self.forget_what_left_the_chain();
                 self.report(&chain, "active", None).await;
             }
             Err(error) => {
@@ -188,8 +188,10 @@ impl PolicySync {
         }
     }
 
-    /// Forgets the counts of activations no longer in the chain.
-    fn keep_counts_of_current(&self) {
+    /// Forgets the counts of activations, and the compiled modules, no longer in the chain
+    /// (a module pushed again, or rolled back to, is compiled again: off the request path), so
+    /// neither grows with every push.
+    fn forget_what_left_the_chain(&self) {
         let active = self.active.load();
         let current: Vec<CountsKey> = active
             .counts()
@@ -198,6 +200,21 @@ impl PolicySync {
             .collect();
         if let Ok(mut counts) = self.counts.lock() {
             counts.retain(|key, _| current.contains(key));
+        }
+        let modules: Vec<(&str, &str)> = active
+            .policies
+            .iter()
+            .map(|e| (e.policy.name(), e.policy.digest()))
+            .chain(
+                active
+                    .candidates
+                    .iter()
+                    .map(|c| (c.candidate.name.as_str(), c.candidate.digest.as_str())),
+            )
+            .collect();
+        if let Ok(mut compiled) = self.compiled.lock() {
+            compiled
+                .retain(|(name, digest, _), _| modules.contains(&(name.as_str(), digest.as_str())));
         }
     }
 
