@@ -61,6 +61,10 @@ pub enum PolicyCommand {
         /// Threads evaluating at once, as a busy gateway's do.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Write /tmp/perf-<pid>.map, so `perf report` names the modules' compiled functions
+        /// (build them unstripped to get their names; docs/performance.md).
+        #[arg(long)]
+        perf_map: bool,
     },
 }
 
@@ -79,7 +83,8 @@ pub async fn run(command: PolicyCommand, nats: &NatsTarget) -> anyhow::Result<()
             dir,
             iterations,
             threads,
-        } => bench::run(&dir, iterations, threads),
+            perf_map,
+        } => bench::run(&dir, iterations, threads, perf_map),
         PolicyCommand::Push(push) => push.run(nats).await,
         PolicyCommand::List => list(&store(nats).await?).await,
         PolicyCommand::Promote { name } => {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use sha2::{Digest, Sha256};
 use wasmtime::{
     Config, Enabled, Engine, ExternType, FuncType, InstanceAllocationStrategy, Linker, Module,
-    PoolingAllocationConfig,
+    PoolingAllocationConfig, ProfilingStrategy,
 };
 
 use crate::policy::{Exports, OnError, Policy, PolicyParts, StoreState};
@@ -62,6 +62,18 @@ pub struct PolicyEngine {
 
 impl PolicyEngine {
     pub fn new() -> anyhow::Result<PolicyEngine> {
+        PolicyEngine::build(false)
+    }
+
+    /// An engine that also writes `/tmp/perf-<pid>.map` as it compiles, so `perf report` names
+    /// the policies' compiled functions (from the module's name section: build it unstripped)
+    /// instead of showing bare addresses. For profiling (`hotpath policy bench --perf-map`);
+    /// the server never turns it on.
+    pub fn with_perf_map() -> anyhow::Result<PolicyEngine> {
+        PolicyEngine::build(true)
+    }
+
+    fn build(perf_map: bool) -> anyhow::Result<PolicyEngine> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(POOL_SLOTS)
             .total_memories(POOL_SLOTS)
@@ -77,6 +89,9 @@ impl PolicyEngine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_reservation(MAX_MEMORY_BYTES as u64)
             .memory_guard_size(MEMORY_GUARD_BYTES);
+        if perf_map {
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
 
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)

@@ -744,6 +744,33 @@ fn a_policy_outliving_its_engine_is_still_interrupted() {
     assert!(started.elapsed() < Duration::from_secs(1));
 }
 
+#[test]
+fn a_profiled_engine_names_the_modules_functions_for_perf() {
+    let engine = PolicyEngine::with_perf_map().expect("a profiled engine starts");
+    let named = module(
+        &format!("(call $profiled_marker) {}", packed(DATA_AT, 19)),
+        &format!(
+            "(func $profiled_marker) {}",
+            data(DATA_AT, br#"{"verdict":"allow"}"#)
+        ),
+    );
+    let policy = engine
+        .load("profiled", &named, OnError::Deny)
+        .expect("loads");
+    assert!(matches!(
+        policy.evaluate(&sample_input()),
+        Evaluation::Allow
+    ));
+    let map = Path::new("/tmp").join(format!("perf-{}.map", std::process::id()));
+    let written = std::fs::read_to_string(&map).expect("the perf map is written");
+    assert!(
+        written.contains("profiled_marker"),
+        "{} names the module's functions",
+        map.display()
+    );
+    let _ = std::fs::remove_file(&map);
+}
+
 // ---- test vectors ----
 
 fn vector(name: &str, input: &[u8], expect: Value) -> Value {

@@ -25,10 +25,14 @@ use super::read;
 /// The conversation every evaluation is about.
 const CONVERSATION_ID: &str = "6f9c1f2e-8d4b-4c1a-9a51-2f2d4c8e7b10";
 
-pub fn run(dir: &Path, iterations: u64, threads: usize) -> anyhow::Result<()> {
+pub fn run(dir: &Path, iterations: u64, threads: usize, perf_map: bool) -> anyhow::Result<()> {
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(iterations >= 1, "--iterations must be at least 1");
-    let engine = PolicyEngine::new()?;
+    let engine = if perf_map {
+        PolicyEngine::with_perf_map()?
+    } else {
+        PolicyEngine::new()?
+    };
     let policies: Vec<Policy> = ["schema", "authz"]
         .iter()
         .map(|name| {
