@@ -238,12 +238,12 @@ pub async fn replay(
         replayed.last_seq = Some(seq);
         batch.push(message);
         if batch.len() == BATCH {
-            restore_batch(pool, &batch, partitions, &mut replayed).await?;
+            restore_batch(js, pool, &batch, partitions, &mut replayed).await?;
             bar.inc(batch.len() as u64);
             batch.clear();
         }
     }
-    restore_batch(pool, &batch, partitions, &mut replayed).await?;
+    restore_batch(js, pool, &batch, partitions, &mut replayed).await?;
     bar.finish_and_clear();
     Ok(replayed)
 }
@@ -288,6 +288,7 @@ async fn partition_count(
 
 /// Restores one batch of window entries and adds what became of them to `replayed`.
 async fn restore_batch(
+    js: &jetstream::Context,
     pool: &PgPool,
     batch: &[Message],
     partitions: u32,
@@ -317,6 +318,7 @@ async fn restore_batch(
     let outcome = restore::restore(pool, &entries).await.context(
         "restoring into Postgres (what was restored before stays; run the replay again)",
     )?;
+    restore::announce(&js.client(), &entries, &outcome).await;
     for ((window_seq, read), restoration) in reads.iter().zip(outcome) {
         let tally = replayed.partitions.entry(read.partition).or_default();
         tally.read += 1;

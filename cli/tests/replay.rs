@@ -9,6 +9,8 @@ use hotpath_testkit as support;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
+use hotpath_core::announcements::{Announcement as _, HistoryChanged};
 use hotpath_core::envelope::Envelope;
 use hotpath_core::names;
 use serde_json::{Value, json};
@@ -238,8 +240,63 @@ async fn a_postgres_restored_from_an_older_backup_gets_every_lost_row_back_with_
         "restored out of order, seq unchanged"
     );
 
+    // A client reads a conversation's history while rows are still missing: the gateway
+    // caches that page. The replay must announce what it put back, so the page is dropped.
+    let restored_now: Vec<&StoredRow> = before[KEPT..]
+        .iter()
+        .filter(|row| !restored_first.iter().any(|first| first.0 == row.0))
+        .collect();
+    let mut announced_seqs: BTreeMap<Uuid, i64> = BTreeMap::new();
+    for row in &restored_now {
+        let seq = announced_seqs.entry(row.1).or_insert(row.2);
+        *seq = (*seq).max(row.2);
+    }
+    let watched = restored_now.first().expect("rows to restore now").1;
+    let page_path = format!("/v1/conversations/{watched}/messages?after_seq=0");
+    let history_len = |page: &Value| page["messages"].as_array().map_or(0, Vec::len);
+    let stale: Value = system.get("alice", &page_path).await.json().await.unwrap();
+    let complete = before.iter().filter(|row| row.1 == watched).count();
+    assert!(history_len(&stale) < complete, "{stale}");
+    let listener = system.jetstream().await.client();
+    let mut announcements = listener
+        .subscribe(names::HISTORY_INVALIDATE_SUBJECT)
+        .await
+        .expect("subscribe to the history announcements");
+    listener
+        .flush()
+        .await
+        .expect("the subscription reaches the server");
+
     let output = hotpath_replay(&system, &["--since", "1h"]).await;
     let stdout = succeeded(&output);
+
+    // One announcement per conversation that got rows back, with the highest seq restored.
+    let mut heard: BTreeMap<Uuid, i64> = BTreeMap::new();
+    let deadline = Instant::now() + PATIENCE;
+    while heard != announced_seqs {
+        let next = tokio::time::timeout_at(deadline.into(), announcements.next())
+            .await
+            .unwrap_or_else(|_| panic!("announced {heard:?}, expected {announced_seqs:?}"))
+            .expect("the subscription stays open");
+        let changed = HistoryChanged::decode(&next.payload).expect("a history announcement");
+        heard.insert(
+            changed.conversation_id,
+            changed.last_seq.expect("restored rows carry their seq"),
+        );
+    }
+    // And the gateway, told the same, serves the page with the restored rows.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let page: Value = system.get("alice", &page_path).await.json().await.unwrap();
+        if history_len(&page) == complete {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "history still without the restored rows: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Every row is back exactly once, as it was: same id, conversation, seq, stream position.
     assert_eq!(stored_rows(&system).await, before, "{stdout}");

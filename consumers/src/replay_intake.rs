@@ -100,6 +100,7 @@ async fn settle(
     let entries: Vec<_> = readable.iter().map(|(_, entry)| entry.entry()).collect();
     match restore::restore(pool, &entries).await {
         Ok(outcome) => {
+            restore::announce(client, &entries, &outcome).await;
             for ((message, entry), restoration) in readable.iter().zip(outcome) {
                 counted.add(label(restoration), 1);
                 if matches!(

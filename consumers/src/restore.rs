@@ -30,13 +30,19 @@
 //!   as renumbered.
 //!
 //! A restore only puts the record back. It does not fan out or schedule pushes: those happened
-//! when the message was first persisted, and a user must not be notified of it again.
+//! when the message was first persisted, and a user must not be notified of it again. It does
+//! tell the gateways' history caches ([`announce`]), as the live path does after each batch:
+//! a page cached while the rows were missing would otherwise be served without them until it
+//! expired.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use async_nats::HeaderMap;
+use hotpath_core::announcements::{Announcement, HistoryChanged};
 use hotpath_core::envelope::Envelope;
-use hotpath_core::names::{partition_of, partition_of_replay_subject, replay_headers};
+use hotpath_core::names::{
+    HISTORY_INVALIDATE_SUBJECT, partition_of, partition_of_replay_subject, replay_headers,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -147,6 +153,40 @@ pub async fn restore(
         start += len;
     }
     Ok(outcome)
+}
+
+/// Announces, once per conversation that got rows back, [`HistoryChanged`] with the highest
+/// seq restored (none for rows stored with a new seq, whose seq the restore does not learn):
+/// gateways drop the conversation's cached pages and serve no page ending before that seq.
+/// Best effort, like the live path's announcement: one lost is bounded by the cache's time
+/// to live.
+pub async fn announce(nats: &async_nats::Client, entries: &[Entry<'_>], outcome: &[Restoration]) {
+    let mut changed = BTreeMap::<Uuid, Option<i64>>::new();
+    for (entry, restoration) in entries.iter().zip(outcome) {
+        let seq = match restoration {
+            Restoration::Restored => entry.seq,
+            Restoration::Renumbered => None,
+            Restoration::Present | Restoration::SeqTaken | Restoration::NoConversation => continue,
+        };
+        let last = changed.entry(entry.envelope.conversation_id).or_default();
+        *last = (*last).max(seq);
+    }
+    for (conversation_id, last_seq) in changed {
+        let changed = HistoryChanged {
+            conversation_id,
+            last_seq,
+        };
+        if let Err(error) = nats
+            .publish(HISTORY_INVALIDATE_SUBJECT, changed.encode().into())
+            .await
+        {
+            tracing::warn!(%conversation_id, %error, "restored rows not announced to the history caches");
+        }
+    }
+    // Published before the caller goes on: `hotpath replay` exits right after its last batch.
+    if let Err(error) = nats.flush().await {
+        tracing::warn!(%error, "history announcements of restored rows not flushed");
+    }
 }
 
 fn row<'a>(entry: &Entry<'a>) -> Row<'a> {
