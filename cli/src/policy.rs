@@ -65,6 +65,11 @@ pub enum PolicyCommand {
         /// (build them unstripped to get their names; docs/performance.md).
         #[arg(long)]
         perf_map: bool,
+        /// Also report the chains no other thread preempted: with more threads than cores the
+        /// wall-clock p99 is mostly the wait for a core. Costs two getrusage calls per chain,
+        /// which the CPU figure then includes.
+        #[arg(long)]
+        preemption: bool,
     },
 }
 
@@ -84,7 +89,16 @@ pub async fn run(command: PolicyCommand, nats: &NatsTarget) -> anyhow::Result<()
             iterations,
             threads,
             perf_map,
-        } => bench::run(&dir, iterations, threads, perf_map),
+            preemption,
+        } => bench::run(
+            &dir,
+            iterations,
+            threads,
+            bench::Options {
+                perf_map,
+                preemption,
+            },
+        ),
         PolicyCommand::Push(push) => push.run(nats).await,
         PolicyCommand::List => list(&store(nats).await?).await,
         PolicyCommand::Promote { name } => {

@@ -349,3 +349,31 @@ async fn a_policy_stuck_in_a_loop_is_stopped_and_the_gateway_keeps_answering() {
     gateway_reports(&system, chain_version(&system).await, "active").await;
     assert_eq!(outcome(&system, conversation, "hello again").await.0, 202);
 }
+
+/// `hotpath policy bench --preemption` runs the shipped chain from several threads and tells
+/// the chains no other thread preempted apart, as a share of all of them.
+#[test]
+fn the_policy_bench_reports_the_chains_not_preempted() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hotpath"))
+        .args(["policy", "bench", "--iterations", "50", "--threads", "3"])
+        .arg("--preemption")
+        .arg("--dir")
+        .arg(support::policy_dir())
+        .output()
+        .expect("hotpath policy bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("CPU"), "{stdout}");
+    let share: f64 = stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("unpreempted"))
+        .and_then(|line| line.split("of the ").nth(1))
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|share| share.parse().ok())
+        .unwrap_or_else(|| panic!("no share of chains not preempted in {stdout}"));
+    assert!((0.0..=100.0).contains(&share), "{stdout}");
+}

@@ -25,10 +25,19 @@ use super::read;
 /// The conversation every evaluation is about.
 const CONVERSATION_ID: &str = "6f9c1f2e-8d4b-4c1a-9a51-2f2d4c8e7b10";
 
-pub fn run(dir: &Path, iterations: u64, threads: usize, perf_map: bool) -> anyhow::Result<()> {
+/// What else the bench does besides timing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Write wasmtime's perf map (`--perf-map`).
+    pub perf_map: bool,
+    /// Tell the chains another thread preempted from the others (`--preemption`).
+    pub preemption: bool,
+}
+
+pub fn run(dir: &Path, iterations: u64, threads: usize, options: Options) -> anyhow::Result<()> {
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(iterations >= 1, "--iterations must be at least 1");
-    let engine = if perf_map {
+    let engine = if options.perf_map {
         PolicyEngine::with_perf_map()?
     } else {
         PolicyEngine::new()?
@@ -55,7 +64,7 @@ pub fn run(dir: &Path, iterations: u64, threads: usize, perf_map: bool) -> anyho
             .map(|_| {
                 scope.spawn(|| {
                     start.wait();
-                    evaluate_many(&policies, &request, &members, iterations)
+                    evaluate_many(&policies, &request, &members, iterations, options)
                 })
             })
             .collect();
@@ -64,7 +73,8 @@ pub fn run(dir: &Path, iterations: u64, threads: usize, perf_map: bool) -> anyho
             .map(|worker| worker.join().expect("a bench thread panicked"))
             .collect()
     });
-    report(&policies, iterations, threads, Samples::merge(per_thread));
+    let samples = Samples::merge(per_thread);
+    report(&policies, iterations, threads, options, samples);
     Ok(())
 }
 
@@ -74,6 +84,8 @@ struct Samples {
     per_policy: Vec<Vec<u64>>,
     /// Wall-clock nanoseconds of each whole chain, input building included.
     chain: Vec<u64>,
+    /// The same, of the chains during which the thread was not preempted (`--preemption`).
+    uninterrupted: Vec<u64>,
     /// The CPU the thread used for all of them.
     cpu: Duration,
 }
@@ -83,6 +95,7 @@ impl Samples {
         let mut merged = Samples {
             per_policy: Vec::new(),
             chain: Vec::new(),
+            uninterrupted: Vec::new(),
             cpu: Duration::ZERO,
         };
         for samples in all {
@@ -93,10 +106,12 @@ impl Samples {
                 into.extend(from);
             }
             merged.chain.extend(samples.chain);
+            merged.uninterrupted.extend(samples.uninterrupted);
             merged.cpu += samples.cpu;
         }
         merged.per_policy.iter_mut().for_each(|n| n.sort_unstable());
         merged.chain.sort_unstable();
+        merged.uninterrupted.sort_unstable();
         merged
     }
 }
@@ -106,6 +121,7 @@ fn evaluate_many(
     request: &Value,
     members: &[String],
     iterations: u64,
+    options: Options,
 ) -> Samples {
     let conversation = || ConversationInput {
         id: CONVERSATION_ID,
@@ -119,8 +135,10 @@ fn evaluate_many(
         .map(|_| Vec::with_capacity(capacity))
         .collect();
     let mut chain = Vec::with_capacity(capacity);
+    let mut uninterrupted = Vec::new();
     let cpu_start = thread_cpu_time();
     for _ in 0..iterations {
+        let switches = options.preemption.then(involuntary_switches).flatten();
         let chain_started = Instant::now();
         // Once per chain, as the gateway does (no shipped policy rewrites the request).
         let input = input_json("user-0", request, Some(conversation()), std::iter::empty());
@@ -129,16 +147,37 @@ fn evaluate_many(
             let _ = policy.evaluate(&input);
             nanos.push(nanos_since(started));
         }
-        chain.push(nanos_since(chain_started));
+        let nanos = nanos_since(chain_started);
+        chain.push(nanos);
+        if switches.is_some() && involuntary_switches() == switches {
+            uninterrupted.push(nanos);
+        }
     }
     Samples {
         per_policy,
         chain,
+        uninterrupted,
         cpu: thread_cpu_time().saturating_sub(cpu_start),
     }
 }
 
-fn report(policies: &[Policy], iterations: u64, threads: usize, samples: Samples) {
+/// How often the calling thread has been switched out against its will (`ru_nivcsw` of
+/// `RUSAGE_THREAD`): preempted by another thread, not waiting for anything.
+fn involuntary_switches() -> Option<i64> {
+    // SAFETY: `getrusage` only writes the `rusage` it is given; an all-zero `rusage` is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a `rusage`; RUSAGE_THREAD is the calling thread.
+    let status = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (status == 0).then_some(usage.ru_nivcsw)
+}
+
+fn report(
+    policies: &[Policy],
+    iterations: u64,
+    threads: usize,
+    options: Options,
+    samples: Samples,
+) {
     println!(
         "policy chain evaluation, {iterations} iterations on each of {threads} thread(s), fresh instance per evaluation (input building included in 'chain'):"
     );
@@ -158,6 +197,15 @@ fn report(policies: &[Policy], iterations: u64, threads: usize, samples: Samples
         micros_at(&samples.chain, 0.99),
         samples.cpu.as_secs_f64() * 1e6 / evaluations
     );
+    if options.preemption {
+        println!(
+            "  {:<8} p50 {:>7.1} µs  p99 {:>7.1} µs  of the {:.1}% of chains not preempted",
+            "unpreempted",
+            micros_at(&samples.uninterrupted, 0.5),
+            micros_at(&samples.uninterrupted, 0.99),
+            samples.uninterrupted.len() as f64 * 100.0 / evaluations
+        );
+    }
 }
 
 fn nanos_since(started: Instant) -> u64 {
