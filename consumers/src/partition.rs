@@ -46,12 +46,12 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind, Message};
-use hotpath_core::announcements::{Announcement, HistoryChanged};
+use hotpath_core::announcements::HistoryChanged;
 use hotpath_core::config::Config;
 use hotpath_core::db::is_transient;
 use hotpath_core::domain::PipelineStep;
 use hotpath_core::envelope::Envelope;
-use hotpath_core::names::{HISTORY_INVALIDATE_SUBJECT, MESSAGES_STREAM, delivery_consumer};
+use hotpath_core::names::{MESSAGES_STREAM, delivery_consumer};
 use hotpath_core::streams::rewind_delivery_consumer;
 use hotpath_core::telemetry::meter;
 use opentelemetry::KeyValue;
@@ -452,27 +452,17 @@ impl PartitionWorker {
     /// Tells the gateways that these conversations have new messages, so cached history pages
     /// of them are dropped. Best effort: a lost announcement is bounded by the cache's TTL.
     async fn invalidate_history(&self, slice: &[Item], outcome: &persist::Outcome) {
-        let mut conversations = std::collections::BTreeMap::<uuid::Uuid, i64>::new();
+        let mut conversations = std::collections::BTreeMap::<uuid::Uuid, Option<i64>>::new();
         for (&index, &seq) in &outcome.inserted {
             let last = conversations
                 .entry(slice[index].envelope.conversation_id)
-                .or_insert(seq);
-            *last = (*last).max(seq);
+                .or_default();
+            *last = (*last).max(Some(seq));
         }
-        let client = self.js.client();
-        for (conversation_id, last_seq) in conversations {
-            let changed = HistoryChanged {
-                conversation_id,
-                last_seq: Some(last_seq),
-            };
-            match client
-                .publish(HISTORY_INVALIDATE_SUBJECT, changed.encode().into())
-                .await
-            {
-                Ok(()) => self.metrics.cache_invalidated.add("recent_messages", 1),
-                Err(error) => tracing::debug!(%error, "history invalidation not announced"),
-            }
-        }
+        let announced = HistoryChanged::announce_all(&self.js.client(), conversations).await;
+        self.metrics
+            .cache_invalidated
+            .add("recent_messages", announced);
     }
 
     async fn ack(&self, message: &Message) {

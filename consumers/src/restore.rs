@@ -38,11 +38,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use async_nats::HeaderMap;
-use hotpath_core::announcements::{Announcement, HistoryChanged};
+use hotpath_core::announcements::HistoryChanged;
 use hotpath_core::envelope::Envelope;
-use hotpath_core::names::{
-    HISTORY_INVALIDATE_SUBJECT, partition_of, partition_of_replay_subject, replay_headers,
-};
+use hotpath_core::names::{partition_of, partition_of_replay_subject, replay_headers};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -171,18 +169,7 @@ pub async fn announce(nats: &async_nats::Client, entries: &[Entry<'_>], outcome:
         let last = changed.entry(entry.envelope.conversation_id).or_default();
         *last = (*last).max(seq);
     }
-    for (conversation_id, last_seq) in changed {
-        let changed = HistoryChanged {
-            conversation_id,
-            last_seq,
-        };
-        if let Err(error) = nats
-            .publish(HISTORY_INVALIDATE_SUBJECT, changed.encode().into())
-            .await
-        {
-            tracing::warn!(%conversation_id, %error, "restored rows not announced to the history caches");
-        }
-    }
+    HistoryChanged::announce_all(nats, changed).await;
     // Published before the caller goes on: `hotpath replay` exits right after its last batch.
     if let Err(error) = nats.flush().await {
         tracing::warn!(%error, "history announcements of restored rows not flushed");

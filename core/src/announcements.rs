@@ -17,9 +17,13 @@
 //! [`HISTORY_INVALIDATE_SUBJECT`]: crate::names::HISTORY_INVALIDATE_SUBJECT
 //! [`DEVICES_CHANGED_SUBJECT`]: crate::names::DEVICES_CHANGED_SUBJECT
 
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::names::HISTORY_INVALIDATE_SUBJECT;
 
 /// The wire form of every announcement: its JSON.
 pub trait Announcement: Serialize + DeserializeOwned {
@@ -78,6 +82,34 @@ pub struct HistoryChanged {
 }
 
 impl Announcement for HistoryChanged {}
+
+impl HistoryChanged {
+    /// Announces each conversation of `changed` with its highest stored seq (if known) on
+    /// [`HISTORY_INVALIDATE_SUBJECT`]; answers how many were handed to NATS. Best effort: a
+    /// lost announcement is bounded by the history cache's time to live.
+    pub async fn announce_all(
+        nats: &async_nats::Client,
+        changed: BTreeMap<Uuid, Option<i64>>,
+    ) -> u64 {
+        let mut announced = 0;
+        for (conversation_id, last_seq) in changed {
+            let changed = HistoryChanged {
+                conversation_id,
+                last_seq,
+            };
+            match nats
+                .publish(HISTORY_INVALIDATE_SUBJECT, changed.encode().into())
+                .await
+            {
+                Ok(()) => announced += 1,
+                Err(error) => {
+                    tracing::debug!(%conversation_id, %error, "history change not announced")
+                }
+            }
+        }
+        announced
+    }
+}
 
 /// A user registered a device: whatever was cached about their devices (perhaps "none") is
 /// stale, and they may have to be pushed from now on.

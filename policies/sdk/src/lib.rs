@@ -272,39 +272,19 @@ pub fn error_output(message: &str) -> Vec<u8> {
 }
 
 /// Parses the ABI input.
-pub fn parse_input(bytes: &[u8]) -> Result<Input, InputError> {
+pub fn parse_input(bytes: &[u8]) -> Result<Input, serde_json::Error> {
     // UTF-8 is checked once over the whole input, so that the parser need not check every
     // string on its own (`from_str` trusts what it is given; `from_slice` checks each string,
     // which was most of an evaluation's parsing time).
-    let text = std::str::from_utf8(bytes).map_err(InputError::Utf8)?;
+    let text = std::str::from_utf8(bytes).map_err(serde::de::Error::custom)?;
     // The gateway parsed the request with serde_json's default nesting limit, and the input
     // wraps it one level deeper: lift the limit so any request the gateway accepted parses.
     let mut deserializer = serde_json::Deserializer::from_str(text);
     deserializer.disable_recursion_limit();
-    let input = Input::deserialize(&mut deserializer).map_err(InputError::Json)?;
-    deserializer.end().map_err(InputError::Json)?;
+    let input = Input::deserialize(&mut deserializer)?;
+    deserializer.end()?;
     Ok(input)
 }
-
-/// Why the input could not be read.
-#[derive(Debug)]
-pub enum InputError {
-    /// The bytes are not UTF-8.
-    Utf8(std::str::Utf8Error),
-    /// Not the ABI's input object.
-    Json(serde_json::Error),
-}
-
-impl fmt::Display for InputError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            InputError::Utf8(error) => write!(f, "not UTF-8: {error}"),
-            InputError::Json(error) => error.fmt(f),
-        }
-    }
-}
-
-impl std::error::Error for InputError {}
 
 /// The output of [`Verdict::Allow`], the answer to almost every message.
 const ALLOW_OUTPUT: &[u8] = br#"{"verdict":"allow"}"#;
