@@ -137,6 +137,78 @@ async fn a_recipient_on_another_gateway_gets_each_message_once_in_seq_order() {
     }
 }
 
+/// Fanout sends each user a batch's frames in one NATS payload; the socket node hands them on
+/// as separate WebSocket frames, in seq order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_told_to_a_user_in_one_payload_arrives_as_one_frame_per_message_in_seq_order() {
+    const MESSAGES: usize = 30;
+    let mut system = System::start().await;
+    let conversation = system
+        .conversation("alice", "group", &["bob", "carol"])
+        .await;
+    let mut alice = connect(&system, &system.base, "alice").await;
+    let mut bob = connect(&system, &system.base, "bob").await;
+    let nats = async_nats::connect(system.config.nats_url.as_str())
+        .await
+        .expect("nats");
+    let mut bobs_deliveries = nats
+        .subscribe(hotpath_core::names::deliver_subject("bob"))
+        .await
+        .expect("subscribe");
+    nats.flush().await.expect("flush");
+
+    // A backlog, so that the consumers find all of it in one fetch.
+    system.stop_consumers().await;
+    let ids = send_many(&system, "alice", conversation, 1, MESSAGES).await;
+    system.start_consumers().await;
+
+    for i in 1..=MESSAGES {
+        let frame = next_frame(&mut bob).await;
+        assert_eq!(seq_and_content(&frame), (i as i64, format!("m-{i}")));
+    }
+    assert_quiet(&mut bob).await;
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            next_frame(&mut alice).await,
+            json!({"type": "message.state.changed", "messageId": id,
+                   "conversationId": conversation.to_string(), "state": "sent", "seq": i + 1})
+        );
+    }
+    assert_quiet(&mut alice).await;
+
+    let (mut payloads, mut frames) = (0, 0);
+    while frames < MESSAGES {
+        let delivery = tokio::time::timeout(PATIENCE, bobs_deliveries.next())
+            .await
+            .expect("bob's deliveries arrive")
+            .expect("subscription open");
+        payloads += 1;
+        frames += delivery.payload.split(|&b| b == b'\n').count();
+    }
+    assert_eq!(frames, MESSAGES);
+    assert!(
+        payloads < MESSAGES,
+        "{MESSAGES} frames came in {payloads} payloads: none was told together"
+    );
+    let metrics = system.metrics().await;
+    assert_eq!(
+        support::metric_sum(
+            &metrics,
+            "delivery_fanout_delivered_total",
+            "socket_count=\"1\""
+        ),
+        MESSAGES as f64
+    );
+    assert_eq!(
+        support::metric_sum(
+            &metrics,
+            "delivery_fanout_attempted_total",
+            "recipient_status=\"offline\""
+        ),
+        MESSAGES as f64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sender_is_told_when_its_message_is_sent_and_offline_recipients_are_counted() {
     let system = System::start().await;

@@ -19,15 +19,21 @@
 //!   counted online, with how many sockets, or offline (their devices were already given a
 //!   push task before the batch was acknowledged, see [`crate::push::schedule`]). Offline
 //!   recipients are still published to: presence may be up to a cache period behind a device
-//!   that just connected, and a publish nobody listens to costs NATS next to nothing.
+//!   that just connected, and a publish nobody listens to costs NATS next to nothing;
+//! * a batch's frames for one user go in one publish (frames separated by
+//!   [`FRAME_SEPARATOR`], up to [`MAX_BUNDLE_BYTES`], in the batch's order), which the socket
+//!   node splits back into one WebSocket frame each: a batch of a busy group costs one publish
+//!   per member instead of one per member per message. With tracing on, each frame goes on
+//!   its own so it carries its message's trace context.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes, BytesMut};
 use hotpath_core::domain::PipelineStep;
 use hotpath_core::envelope::Envelope;
 use hotpath_core::events::{DeliveredMessage, Event, MessageState};
+use hotpath_core::names::FRAME_SEPARATOR;
 use hotpath_core::rejection::Rejection;
 use hotpath_core::telemetry::meter;
 use opentelemetry::KeyValue;
@@ -156,26 +162,8 @@ pub(crate) fn spawn(
         while let Some(batch) = receiver.recv().await {
             let started = Instant::now();
             let presence = fanout.presence_of(&batch).await;
-            for item in &batch {
-                match item {
-                    Told::Persisted {
-                        envelope,
-                        seq,
-                        span,
-                    } => {
-                        let told = fanout.message(envelope, *seq, &presence, span);
-                        told.instrument(span.clone()).await
-                    }
-                    Told::Rejected {
-                        envelope,
-                        reason,
-                        span,
-                    } => {
-                        let told = fanout.rejected(envelope, reason, span);
-                        told.instrument(span.clone()).await
-                    }
-                }
-            }
+            let frames = fanout.frames_of(&batch, &presence);
+            fanout.tell(&frames).await;
             steps.since(PipelineStep::Fanout, started);
         }
     });
@@ -212,87 +200,208 @@ impl Fanout {
             .collect()
     }
 
-    async fn message(
+    /// What the batch tells whom, in the batch's order: for each stored message `message.new`
+    /// to every recipient (counted online or offline by presence) and `sent` to the sender; for
+    /// each rejection `rejected` to the sender.
+    fn frames_of<'a>(
         &self,
-        envelope: &Envelope,
-        seq: i64,
-        presence: &HashMap<String, Sockets>,
-        span: &Span,
-    ) {
-        let new = Bytes::from(
-            Event::MessageNew {
-                message: DeliveredMessage {
-                    message_id: envelope.message_id,
-                    conversation_id: envelope.conversation_id,
+        batch: &'a [Told],
+        presence: &'a HashMap<String, Sockets>,
+    ) -> Vec<Frame<'a>> {
+        let mut frames = Vec::new();
+        for told in batch {
+            match told {
+                Told::Persisted {
+                    envelope,
                     seq,
-                    sender_id: envelope.sender_id.clone(),
-                    content: envelope.content.clone(),
-                    content_type: envelope.content_type.clone(),
-                    metadata: envelope.metadata.clone(),
-                    accepted_at: envelope.accepted_at,
-                },
-            }
-            .to_json(),
-        );
-        for recipient in &envelope.recipient_ids {
-            let recipient = recipient.as_str();
-            let published = self.frames.publish(recipient, new.clone(), span).await;
-            match presence.get(recipient) {
-                Some(Ok(0)) => {
-                    self.metrics.attempted.add("offline", 1);
-                    if published {
-                        tracing::debug!(
-                            partition = self.partition,
-                            recipient,
-                            message_id = %envelope.message_id,
-                            "recipient offline: left for push and catch-up"
-                        );
+                    span,
+                } => {
+                    let new = Bytes::from(message_new(envelope, *seq).to_json());
+                    for recipient in &envelope.recipient_ids {
+                        let sockets = presence.get(recipient.as_str());
+                        self.count_attempt(envelope, recipient, sockets);
+                        frames.push(Frame {
+                            user_id: recipient,
+                            bytes: new.clone(),
+                            span,
+                            recipient: sockets,
+                        });
                     }
+                    let sent = state_changed(envelope, MessageState::Sent, Some(*seq), None);
+                    frames.push(Frame::to_sender(envelope, sent, span));
                 }
-                Some(Ok(sockets)) => {
-                    self.metrics.attempted.add("online", 1);
-                    if published {
-                        self.metrics.delivered(*sockets);
-                    }
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(
-                        partition = self.partition,
-                        recipient,
-                        error = format!("{error:#}"),
-                        "presence lookup failed; published anyway"
+                Told::Rejected {
+                    envelope,
+                    reason,
+                    span,
+                } => {
+                    let rejected = state_changed(
+                        envelope,
+                        MessageState::Rejected,
+                        None,
+                        Some(reason.reason()),
                     );
-                    self.metrics.failed.add("presence_unavailable", 1);
+                    frames.push(Frame::to_sender(envelope, rejected, span));
                 }
-                // Every recipient of the batch was looked up.
-                None => {}
             }
         }
-
-        let state = Event::StateChanged {
-            message_id: envelope.message_id,
-            conversation_id: envelope.conversation_id,
-            state: MessageState::Sent,
-            seq: Some(seq),
-            reason: None,
-        };
-        self.frames
-            .publish(&envelope.sender_id, Bytes::from(state.to_json()), span)
-            .await;
+        frames
     }
 
-    /// Tells the sender that a message it was told was accepted will never be stored.
-    async fn rejected(&self, envelope: &Envelope, reason: &Rejection, span: &Span) {
-        let state = Event::StateChanged {
+    fn count_attempt(&self, envelope: &Envelope, recipient: &str, sockets: Option<&Sockets>) {
+        match sockets {
+            Some(Ok(0)) => self.metrics.attempted.add("offline", 1),
+            Some(Ok(_)) => self.metrics.attempted.add("online", 1),
+            Some(Err(error)) => {
+                tracing::warn!(
+                    partition = self.partition,
+                    recipient,
+                    message_id = %envelope.message_id,
+                    error = format!("{error:#}"),
+                    "presence lookup failed; published anyway"
+                );
+                self.metrics.failed.add("presence_unavailable", 1);
+            }
+            // Every recipient of the batch was looked up.
+            None => {}
+        }
+    }
+
+    /// Publishes the batch's frames. With tracing on, each frame on its own, carrying its
+    /// message's trace context; otherwise each user's frames of the batch together, as one
+    /// payload per user (up to [`MAX_BUNDLE_BYTES`]), in the batch's order.
+    async fn tell(&self, frames: &[Frame<'_>]) {
+        if hotpath_core::trace::enabled() {
+            for frame in frames {
+                let published = self
+                    .frames
+                    .publish(frame.user_id, frame.bytes.clone(), frame.span)
+                    .instrument(frame.span.clone())
+                    .await;
+                self.published(frame, published);
+            }
+            return;
+        }
+        for bundle in bundles(frames) {
+            let published = self
+                .frames
+                .publish(bundle.user_id, bundle.payload.freeze(), &Span::none())
+                .await;
+            for frame in bundle.frames {
+                self.published(frame, published);
+            }
+        }
+    }
+
+    /// Counts a `message.new` that reached an online recipient's subject.
+    fn published(&self, frame: &Frame<'_>, published: bool) {
+        match frame.recipient {
+            Some(Ok(0)) if published => tracing::debug!(
+                partition = self.partition,
+                recipient = frame.user_id,
+                "recipient offline: left for push and catch-up"
+            ),
+            Some(Ok(sockets)) if published => self.metrics.delivered(*sockets),
+            _ => {}
+        }
+    }
+}
+
+/// Largest payload fanout publishes to one user at once; NATS refuses more than its
+/// `max_payload` (1 MiB by default). A frame larger than this goes alone.
+pub const MAX_BUNDLE_BYTES: usize = 256 * 1024;
+
+/// One frame of a batch for one user.
+struct Frame<'a> {
+    user_id: &'a str,
+    bytes: Bytes,
+    span: &'a Span,
+    /// For `message.new`: what presence said of the recipient; `None` for the sender's frames.
+    recipient: Option<&'a Sockets>,
+}
+
+impl<'a> Frame<'a> {
+    fn to_sender(envelope: &'a Envelope, event: Event, span: &'a Span) -> Frame<'a> {
+        Frame {
+            user_id: &envelope.sender_id,
+            bytes: Bytes::from(event.to_json()),
+            span,
+            recipient: None,
+        }
+    }
+}
+
+/// Frames for one user, joined by [`FRAME_SEPARATOR`] into one payload.
+struct Bundle<'f, 'a> {
+    user_id: &'a str,
+    payload: BytesMut,
+    frames: Vec<&'f Frame<'a>>,
+}
+
+impl<'f, 'a> Bundle<'f, 'a> {
+    fn fits(&self, frame: &Frame<'_>) -> bool {
+        self.payload.is_empty() || self.payload.len() + 1 + frame.bytes.len() <= MAX_BUNDLE_BYTES
+    }
+
+    fn push(&mut self, frame: &'f Frame<'a>) {
+        if !self.payload.is_empty() {
+            self.payload.put_u8(FRAME_SEPARATOR);
+        }
+        self.payload.extend_from_slice(&frame.bytes);
+        self.frames.push(frame);
+    }
+}
+
+/// `frames` grouped by user, each user's in their order; a user whose frames exceed
+/// [`MAX_BUNDLE_BYTES`] gets several bundles, in order.
+fn bundles<'f, 'a>(frames: &'f [Frame<'a>]) -> Vec<Bundle<'f, 'a>> {
+    let mut bundles: Vec<Bundle<'f, 'a>> = Vec::new();
+    let mut open: HashMap<&str, usize> = HashMap::new();
+    for frame in frames {
+        let index = match open.get(frame.user_id) {
+            Some(&index) if bundles[index].fits(frame) => index,
+            _ => {
+                bundles.push(Bundle {
+                    user_id: frame.user_id,
+                    payload: BytesMut::new(),
+                    frames: Vec::new(),
+                });
+                open.insert(frame.user_id, bundles.len() - 1);
+                bundles.len() - 1
+            }
+        };
+        bundles[index].push(frame);
+    }
+    bundles
+}
+
+fn message_new(envelope: &Envelope, seq: i64) -> Event {
+    Event::MessageNew {
+        message: DeliveredMessage {
             message_id: envelope.message_id,
             conversation_id: envelope.conversation_id,
-            state: MessageState::Rejected,
-            seq: None,
-            reason: Some(reason.reason()),
-        };
-        self.frames
-            .publish(&envelope.sender_id, Bytes::from(state.to_json()), span)
-            .await;
+            seq,
+            sender_id: envelope.sender_id.clone(),
+            content: envelope.content.clone(),
+            content_type: envelope.content_type.clone(),
+            metadata: envelope.metadata.clone(),
+            accepted_at: envelope.accepted_at,
+        },
+    }
+}
+
+fn state_changed(
+    envelope: &Envelope,
+    state: MessageState,
+    seq: Option<i64>,
+    reason: Option<serde_json::Value>,
+) -> Event {
+    Event::StateChanged {
+        message_id: envelope.message_id,
+        conversation_id: envelope.conversation_id,
+        state,
+        seq,
+        reason,
     }
 }
 

@@ -106,6 +106,11 @@ pub fn dlq_subject(source: DlqSource) -> String {
     format!("dlq.{source}")
 }
 
+/// Separates the frames of one payload on `deliver.user.<id>`: fanout sends a user a batch's
+/// frames together. Frames are compact JSON, which never contains a raw newline (one inside a
+/// string is written `\n`).
+pub const FRAME_SEPARATOR: u8 = b'\n';
+
 /// NATS core subject carrying what a connected user should see (`message.new`,
 /// `message.state.changed`): every socket node with one of the user's WebSockets subscribes to
 /// it, and the delivery consumers publish to it.

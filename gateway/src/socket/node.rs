@@ -3,7 +3,8 @@
 //! * For each user with at least one socket here, the node holds exactly one NATS core
 //!   subscription to `deliver.user.<id>`, shared by all of the user's sockets; it is dropped
 //!   (unsubscribed) when the user's last socket here closes.
-//! * Every frame that arrives on it is offered to each of the user's sockets without waiting:
+//! * Every frame that arrives on it (a delivery may carry several, one per line: fanout tells a
+//!   user a batch's frames together) is offered to each of the user's sockets without waiting:
 //!   a socket whose outbound queue is full is cut off (close 1008) instead of holding the
 //!   frame, so one slow client costs a bounded amount of memory and never delays the others.
 //! * The node writes the user's presence (how many sockets it holds) when a socket opens or
@@ -16,8 +17,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use futures::StreamExt;
-use hotpath_core::names::deliver_subject;
+use hotpath_core::names::{FRAME_SEPARATOR, deliver_subject};
 use hotpath_core::presence::Presence;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -298,18 +300,31 @@ async fn forward(
             }
             return;
         };
-        let frame = match Utf8Bytes::try_from(message.payload) {
-            Ok(frame) => frame,
-            Err(error) => {
-                tracing::warn!(user_id, %error, "dropping a delivery that is not UTF-8 text");
-                continue;
-            }
-        };
+        let frames = frames_of(user_id, &message.payload);
         let sockets = lock(sockets);
         let span = crate::trace::deliver_span(message.headers.as_ref(), sockets.len());
         let _in_span = span.enter();
-        for socket in sockets.iter() {
-            socket.offer(user_id, frame.clone());
+        for frame in frames {
+            for socket in sockets.iter() {
+                socket.offer(user_id, frame.clone());
+            }
         }
     }
+}
+
+/// The frames of one delivery: fanout sends a user the frames of a batch in one payload,
+/// separated by newlines ([`FRAME_SEPARATOR`]; compact JSON never holds a raw one), so each line is one WebSocket text frame, in order. A line that is not
+/// UTF-8 is dropped and logged.
+fn frames_of(user_id: &str, payload: &Bytes) -> Vec<Utf8Bytes> {
+    payload
+        .split(|&byte| byte == FRAME_SEPARATOR)
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| match Utf8Bytes::try_from(payload.slice_ref(line)) {
+            Ok(frame) => Some(frame),
+            Err(error) => {
+                tracing::warn!(user_id, %error, "dropping a delivery that is not UTF-8 text");
+                None
+            }
+        })
+        .collect()
 }
