@@ -40,6 +40,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, Span};
+use uuid::Uuid;
 
 use crate::frames::FramePublisher;
 use crate::metrics::{LabelledCounter, StepMetrics};
@@ -219,9 +220,10 @@ impl Fanout {
                     let new = Bytes::from(message_new(envelope, *seq).to_json());
                     for recipient in &envelope.recipient_ids {
                         let sockets = presence.get(recipient.as_str());
-                        self.count_attempt(envelope, recipient, sockets);
+                        span.in_scope(|| self.count_attempt(envelope, recipient, sockets));
                         frames.push(Frame {
                             user_id: recipient,
+                            message_id: envelope.message_id,
                             bytes: new.clone(),
                             span,
                             recipient: sockets,
@@ -278,7 +280,8 @@ impl Fanout {
                     .publish(frame.user_id, frame.bytes.clone(), frame.span)
                     .instrument(frame.span.clone())
                     .await;
-                self.published(frame, published);
+                // In the message's span, so what is logged of it names its trace.
+                frame.span.in_scope(|| self.published(frame, published));
             }
             return;
         }
@@ -299,6 +302,7 @@ impl Fanout {
             Some(Ok(0)) if published => tracing::debug!(
                 partition = self.partition,
                 recipient = frame.user_id,
+                message_id = %frame.message_id,
                 "recipient offline: left for push and catch-up"
             ),
             Some(Ok(sockets)) if published => self.metrics.delivered(*sockets),
@@ -314,6 +318,7 @@ pub const MAX_BUNDLE_BYTES: usize = 256 * 1024;
 /// One frame of a batch for one user.
 struct Frame<'a> {
     user_id: &'a str,
+    message_id: Uuid,
     bytes: Bytes,
     span: &'a Span,
     /// For `message.new`: what presence said of the recipient; `None` for the sender's frames.
@@ -324,6 +329,7 @@ impl<'a> Frame<'a> {
     fn to_sender(envelope: &'a Envelope, event: Event, span: &'a Span) -> Frame<'a> {
         Frame {
             user_id: &envelope.sender_id,
+            message_id: envelope.message_id,
             bytes: Bytes::from(event.to_json()),
             span,
             recipient: None,
