@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::{SinkExt, StreamExt};
 use hotpath_core::domain::DlqSource;
+use hotpath_core::names::FRAME_SEPARATOR;
 use hotpath_core::presence::{Presence, PresenceRecord};
 use hotpath_core::receipts::{Receipt, ReceiptState};
 use serde_json::{Value, json};
@@ -183,7 +184,7 @@ async fn a_batch_told_to_a_user_in_one_payload_arrives_as_one_frame_per_message_
             .expect("bob's deliveries arrive")
             .expect("subscription open");
         payloads += 1;
-        frames += delivery.payload.split(|&b| b == b'\n').count();
+        frames += delivery.payload.split(|&b| b == FRAME_SEPARATOR).count();
     }
     assert_eq!(frames, MESSAGES);
     assert!(
